@@ -1,0 +1,3 @@
+from didomi_marketo.cli import main
+
+main()
