@@ -1,0 +1,276 @@
+"""The `didomi-marketo` command line: parse options, call one library function, render, exit.
+
+Exit codes: 0 all delivered or expectedly skipped; 1 some records rejected or leads
+failed/skipped unexpectedly; 2 usage or config error; 3 run aborted (credentials, access,
+quota, unreachable, lock held).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from didomi_marketo import __version__
+from didomi_marketo.config import Config, load_config
+from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
+from didomi_marketo.render import print_summary
+from didomi_marketo.report import SHOW_ISSUES, Report
+from didomi_marketo.sync import RunResult, SyncOptions, run_retry, run_sync
+
+app = typer.Typer(
+    name="didomi-marketo",
+    help="Sync Didomi consent (exports, events, webhooks, API pages) into Marketo lead fields.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Didomi Marketo integration config (JSON or YAML).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print every rejected record.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"didomi-marketo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Sync Didomi consent into Marketo lead fields."""
+
+
+def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn the library's expected failures into one line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except ConfigError as e:
+            for problem in e.problems:
+                err.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except FatalError as e:
+            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
+        except DidomiMarketoError as e:
+            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _load(config_path: Path, upsert: bool | None = None) -> Config:
+    return load_config(config_path).with_upsert(upsert)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled and err.is_terminal:
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=err, transient=True,
+            )  # fmt: skip
+            self.task = self.bar.add_task("delivering leads", total=None)
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, stage: str, done: int, total: int | None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
+
+
+def _finish(result: RunResult, quiet: bool) -> None:
+    for w in result.warnings:
+        err.print(f"warning: {w}", markup=False)
+    if not quiet:
+        if "input" in result.summary:
+            print_summary(out, result.summary, result.samples)
+        else:
+            out.print_json(orjson.dumps(result.summary).decode())
+    if result.fatal:
+        err.print(f"error: {result.fatal}", markup=False)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+@expected_errors
+def sync(
+    paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or - for stdin.")],
+    config: ConfigOpt,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Everything but delivery: no credentials, no network.")
+    ] = False,
+    upsert: Annotated[
+        bool | None,
+        typer.Option("--upsert/--no-upsert", help="Override upsert_mode (create leads or only update)."),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write summary.json and NDJSON outcome files here.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Dry run: write every payload as NDJSON.")
+    ] = None,
+    allow_incomplete: Annotated[
+        bool, typer.Option("--allow-incomplete", help="Read export partitions without _SUCCESS.")
+    ] = False,
+    max_calls: Annotated[
+        int | None, typer.Option("--max-calls", min=1, help="Cap the Marketo calls this run may spend.")
+    ] = None,
+    max_calls_per_20s: Annotated[
+        int | None,
+        typer.Option("--max-calls-per-20s", min=1, max=100, help="Share of the 100 calls/20 s limit."),
+    ] = None,
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option("--max-concurrency", min=1, max=10, help="Share of the 10 concurrent calls."),
+    ] = None,
+    daily_quota: Annotated[
+        int, typer.Option("--daily-quota", min=1, help="Your subscription's daily call quota.")
+    ] = 50_000,
+    rate_window: Annotated[
+        float,
+        typer.Option("--rate-window", min=0.1, help="Seconds of the rate window (20; less for a sandbox)."),
+    ] = 20.0,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Read Didomi records, fold them per user, map them, and push Marketo lead updates."""
+    cfg = _load(config, upsert)
+    cfg = _with_delivery(cfg, max_calls, max_calls_per_20s, max_concurrency)
+    credentials = None if dry_run else cfg.credentials()
+    options = SyncOptions(
+        paths=paths, dry_run=dry_run, allow_incomplete=allow_incomplete,
+        output=str(output) if output else None, rate_window=rate_window, daily_quota=daily_quota,
+    )  # fmt: skip
+    rep = _report(report, verbose)
+    with _Progress(not quiet) as progress:
+        result = run_sync(cfg, options, rep, credentials=credentials, on_progress=progress.update)
+    if rep.unshown and not verbose:
+        err.print(f"... and {rep.unshown} more rejected records" + (f" (see {report}/rejected.ndjson)" if report else " (use --report DIR to list them all)"), markup=False)
+    _finish(result, quiet)
+
+
+@app.command()
+@expected_errors
+def retry(
+    report_dir: Annotated[Path, typer.Argument(help="The --report DIR of an earlier run.")],
+    config: ConfigOpt,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write the new report here.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be re-sent.")] = False,
+    max_calls: Annotated[int | None, typer.Option("--max-calls", min=1)] = None,
+    max_calls_per_20s: Annotated[int | None, typer.Option("--max-calls-per-20s", min=1, max=100)] = None,
+    max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", min=1, max=10)] = None,
+    rate_window: Annotated[float, typer.Option("--rate-window", min=0.1)] = 20.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-send exactly the retryable leads of an earlier report, and write a fresh report."""
+    if not (report_dir / "undelivered.ndjson").is_file():
+        raise ConfigError(f"{report_dir}: not a didomi-marketo report (no undelivered.ndjson)")
+    if report is not None and report.resolve() == report_dir.resolve():
+        raise ConfigError("--report must differ from the report being retried")
+    cfg = _with_delivery(_load(config), max_calls, max_calls_per_20s, max_concurrency)
+    credentials = None if dry_run else cfg.credentials()
+    options = SyncOptions(paths=[], dry_run=dry_run, rate_window=rate_window)
+    with _Progress(not quiet) as progress:
+        result = run_retry(
+            cfg, str(report_dir), _report(report, False), dry_run=dry_run,
+            credentials=credentials, options=options, on_progress=progress.update,
+        )  # fmt: skip
+    _finish(result, quiet)
+
+
+@app.command()
+@expected_errors
+def sandbox(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8787,
+    host: Annotated[str, typer.Option(help="Loopback address to listen on.")] = "127.0.0.1",
+    leads: Annotated[Path | None, typer.Option(help="JSON array of existing leads to seed.")] = None,
+    client_id: Annotated[str, typer.Option(help="Accepted client id.")] = "sandbox-client",
+    client_secret: Annotated[str, typer.Option(help="Accepted client secret.")] = "sandbox-secret",
+    rate_calls: Annotated[int, typer.Option(help="Calls allowed per rate window.")] = 100,
+    rate_window: Annotated[float, typer.Option(help="Rate window in seconds.")] = 20.0,
+    max_concurrency: Annotated[int, typer.Option(help="Calls allowed in flight.")] = 10,
+    daily_quota: Annotated[int, typer.Option(help="Calls allowed per day.")] = 50_000,
+    token_ttl: Annotated[float, typer.Option(help="Seconds an access token lives.")] = 3600.0,
+    latency: Annotated[float, typer.Option(help="Seconds each REST call takes.")] = 0.0,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(help="KIND:TIMES, e.g. code:604:3 or http:502:2 or drop:1 (repeatable)."),
+    ] = None,
+) -> None:
+    """Run a local Marketo-compatible server (for demos and tests; loopback only)."""
+    from didomi_marketo.sandbox import SandboxConfig, serve_forever
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("the sandbox only listens on loopback (127.0.0.1, localhost, ::1)")
+    cfg = SandboxConfig(
+        client_id=client_id, client_secret=client_secret, token_ttl=token_ttl,
+        rate_calls=rate_calls, rate_window=rate_window, max_concurrency=max_concurrency,
+        daily_quota=daily_quota, latency=latency, leads_file=str(leads) if leads else None,
+    )  # fmt: skip
+    faults = []
+    for f in fault or []:
+        kind, _, times = f.rpartition(":")
+        if not kind or not times.isdigit():
+            raise ConfigError(f"--fault {f!r}: expected KIND:TIMES, e.g. code:604:3")
+        faults.append((kind, int(times)))
+    serve_forever(cfg, host, port, faults=faults)
+
+
+def _with_delivery(cfg: Config, max_calls, per_20s, concurrency) -> Config:
+    from dataclasses import replace
+
+    changes = {}
+    if max_calls is not None:
+        changes["max_calls"] = max_calls
+    if per_20s is not None:
+        changes["max_calls_per_20s"] = per_20s
+    if concurrency is not None:
+        changes["max_concurrency"] = concurrency
+    if changes:
+        cfg.delivery = replace(cfg.delivery, **changes)
+    return cfg
+
+
+def _report(directory: Path | None, verbose: bool) -> Report:
+    def show(line: str) -> None:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    return Report(directory, on_rejected=show, show_limit=sys.maxsize if verbose else SHOW_ISSUES)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

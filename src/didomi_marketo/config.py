@@ -1,0 +1,434 @@
+"""Load the Didomi console's Marketo integration config (JSON or YAML, one schema) and validate it.
+
+Every problem is collected, each with its `file:line`, and raised at once as a ConfigError.
+Credentials are resolved lazily (`Config.credentials()`), so dry runs and previews need none.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import yaml
+
+from didomi_marketo.errors import ConfigError
+from didomi_marketo.mapping import FieldMapping, parse_property, parse_transforms
+
+# Keys the Didomi Marketplace API adds around an integration; accepted and ignored so that
+# the JSON copied from the console or API works verbatim.
+DIDOMI_ENVELOPE_KEYS = {
+    "id", "organization_id", "name", "description", "created_at", "updated_at", "version",
+    "enabled", "status", "type", "deleted_at",
+}  # fmt: skip
+TOP_KEYS = {"type_id", "authentication", "properties", "mappings", "upsert_mode", "state", "delivery"}
+AUTH_KEYS = {"client_id", "client_secret", "instance"}
+PROPERTY_KEYS = {"user_identifier", "regulations"}
+MAPPING_KEYS = {"id", "value", "transform"}
+DELIVERY_KEYS = {
+    "max_calls_per_20s", "max_concurrency", "max_calls", "batch_size",
+    "timeout", "retry_min_attempts", "retry_min_seconds",
+}  # fmt: skip
+IDENTIFIERS = {"email": "email", "leadID": "id"}
+ENV_FALLBACK = {
+    "client_id": "MARKETO_CLIENT_ID",
+    "client_secret": "MARKETO_CLIENT_SECRET",
+    "instance": "MARKETO_INSTANCE",
+}
+MUNCHKIN = re.compile(r"^\d{3}-[A-Za-z]{3}-\d{3}$")
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Secret(str):
+    """A string that never shows itself in repr, str-formatting of containers, or tracebacks."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    base_url: str  # scheme://host[:port], without /rest or /identity
+
+    @property
+    def rest_url(self) -> str:
+        return self.base_url + "/rest"
+
+    @property
+    def identity_url(self) -> str:
+        return self.base_url + "/identity"
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    max_calls_per_20s: int = 100
+    max_concurrency: int = 10
+    max_calls: int | None = None
+    batch_size: int = 300
+    timeout: float = 120.0
+    retry_min_attempts: int = 5
+    retry_min_seconds: float = 300.0
+
+
+@dataclass
+class Config:
+    path: str
+    identifier: str  # "email" | "leadID"
+    upsert: bool
+    mappings: list[FieldMapping]
+    regulations: frozenset[str]
+    state: str | None = None
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    _auth: dict[str, Any] = field(default_factory=dict, repr=False)
+    _lines: dict[tuple, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def lookup_field(self) -> str:
+        return IDENTIFIERS[self.identifier]
+
+    @property
+    def action(self) -> str:
+        return "createOrUpdate" if self.upsert else "updateOnly"
+
+    def with_upsert(self, upsert: bool | None) -> Config:
+        """Apply `--upsert/--no-upsert`, re-checking the leadID rule."""
+        if upsert is None:
+            return self
+        if upsert and self.identifier == "leadID":
+            raise ConfigError(
+                f"{self.path}: --upsert cannot be used with user_identifier leadID "
+                "(lead ids cannot create leads)"
+            )
+        self.upsert = upsert
+        return self
+
+    def credentials(self) -> Credentials:
+        """Resolve credentials from the config, then MARKETO_* variables. Raises ConfigError."""
+        p = _Problems(self.path, self._lines)
+        auth = _substitute_env(self._auth, ("authentication",), p)
+        problems = p.items
+        values: dict[str, str] = {}
+        for key, env in ENV_FALLBACK.items():
+            v = auth.get(key)
+            if key in auth and ENV_REF.search(str(self._auth.get(key) or "")) and not v:
+                continue  # already reported as a missing variable
+            if v in (None, ""):
+                v = os.environ.get(env)
+            if not v:
+                problems.append(
+                    f"{self.path}: authentication.{key} is missing (set it in the config or {env})"
+                )
+            else:
+                values[key] = str(v)
+        if problems:
+            raise ConfigError(problems)
+        try:
+            base = normalise_instance(values["instance"])
+        except ValueError as e:
+            raise ConfigError(f"{self.path}: authentication.instance: {e}") from None
+        return Credentials(values["client_id"], Secret(values["client_secret"]), base)
+
+    def identity(self) -> dict[str, Any]:
+        """What the run was configured with, safe to print or store (no secret)."""
+        return {
+            "config": self.path,
+            "user_identifier": self.identifier,
+            "lookupField": self.lookup_field,
+            "action": self.action,
+            "upsert_mode": self.upsert,
+            "regulations": sorted(self.regulations),
+            "mappings": [
+                {"id": m.field, "value": m.source.name if m.source else None} for m in self.mappings
+            ],
+            "client_id": self._auth.get("client_id") or os.environ.get("MARKETO_CLIENT_ID"),
+            "instance": self._auth.get("instance") or os.environ.get("MARKETO_INSTANCE"),
+        }
+
+
+def normalise_instance(value: str) -> str:
+    """Accept a REST endpoint, a base URL or a bare Munchkin id; return scheme://host[:port]."""
+    value = value.strip()
+    if MUNCHKIN.match(value):
+        return f"https://{value}.mktorest.com"
+    if "://" not in value:
+        value = "https://" + value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"'{value}' is not a Marketo REST endpoint, base URL or Munchkin id")
+    path = parts.path.rstrip("/")
+    for suffix in ("/rest/v1", "/rest", "/identity"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    if path:
+        raise ValueError(f"unexpected path '{parts.path}' in '{value}'")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(
+            f"plain http:// is refused for '{parts.hostname}' (credentials would travel in clear); "
+            "use https://"
+        )
+    netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    if ":" in parts.hostname:  # IPv6
+        netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme}://{netloc}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file. Raises ConfigError with every problem found."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    data, lines = _parse(path, text)
+    return _validate(path, data, lines)
+
+
+def _parse(path: str, text: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse JSON or YAML (by content) and find the line of every key, for messages."""
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON: {e}") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    try:  # JSON is YAML too: the composer gives every node a line.
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        node = None
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _node_lines(node, (), lines)
+    return data, lines
+
+
+def _node_lines(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = (*path, k.value)
+            _node_lines(v, key, out)
+            out[key] = k.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _node_lines(v, (*path, i), out)
+
+
+class _Problems:
+    def __init__(self, path: str, lines: dict[tuple, int]):
+        self.path, self.lines, self.items = path, lines, []
+
+    def where(self, loc: tuple) -> str:
+        probe = loc
+        while probe and probe not in self.lines:
+            probe = probe[:-1]
+        line = self.lines.get(probe)
+        return f"{self.path}:{line}" if line else self.path
+
+    def add(self, loc: tuple, message: str) -> None:
+        name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        self.items.append(f"{self.where(loc)}: {name + ': ' if name else ''}{message}")
+
+    def unknown_keys(self, obj: dict, allowed: set[str], loc: tuple, ignored=frozenset()) -> None:
+        for key in obj:
+            if key not in allowed and key not in ignored:
+                close = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                self.add((*loc, key), f"unknown key{hint} (known: {', '.join(sorted(allowed))})")
+
+
+def _substitute_env(value: Any, loc: tuple, problems: _Problems) -> Any:
+    if isinstance(value, str):
+
+        def repl(m: re.Match) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                problems.add(loc, f"environment variable {name} is not set")
+                return ""
+            return os.environ[name]
+
+        return ENV_REF.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _substitute_env(v, (*loc, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_env(v, (*loc, i), problems) for i, v in enumerate(value)]
+    return value
+
+
+def _validate(path: str, data: Any, lines: dict[tuple, int]) -> Config:
+    p = _Problems(path, lines)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be an object (the Didomi integration JSON)")
+    # ${VAR} in authentication is resolved only when credentials are needed, so a dry run
+    # or a preview works without them; everywhere else a missing variable is an error now.
+    auth_raw = data.get("authentication")
+    data = _substitute_env({k: v for k, v in data.items() if k != "authentication"}, (), p)
+    if auth_raw is not None:
+        data["authentication"] = auth_raw
+    p.unknown_keys(data, TOP_KEYS, (), ignored=DIDOMI_ENVELOPE_KEYS)
+
+    type_id = data.get("type_id")
+    if type_id is not None and type_id != "marketo":
+        p.add(("type_id",), f"'{type_id}' is not a Marketo integration (expected 'marketo')")
+
+    auth = data.get("authentication") or {}
+    if not isinstance(auth, dict):
+        p.add(("authentication",), "must be an object with client_id, client_secret, instance")
+        auth = {}
+    p.unknown_keys(auth, AUTH_KEYS, ("authentication",))
+    for key in AUTH_KEYS & auth.keys():
+        if auth[key] is not None and not isinstance(auth[key], str):
+            p.add(("authentication", key), "must be a string")
+    if isinstance(auth.get("instance"), str) and auth["instance"] and "${" not in auth["instance"]:
+        try:
+            normalise_instance(auth["instance"])
+        except ValueError as e:
+            p.add(("authentication", "instance"), str(e))
+
+    props = data.get("properties") or {}
+    if not isinstance(props, dict):
+        p.add(("properties",), "must be an object")
+        props = {}
+    p.unknown_keys(props, PROPERTY_KEYS, ("properties",))
+    identifier = _identifier(props.get("user_identifier", "email"), p)
+    regulations = props.get("regulations", ["gdpr"])
+    if isinstance(regulations, str):
+        regulations = [regulations]
+    if not (isinstance(regulations, list) and regulations and all(isinstance(r, str) for r in regulations)):
+        p.add(("properties", "regulations"), "must be a non-empty list of regulation ids")
+        regulations = ["gdpr"]
+
+    upsert = data.get("upsert_mode", False)
+    if not isinstance(upsert, bool):
+        p.add(("upsert_mode",), "must be true or false")
+        upsert = False
+    if upsert and identifier == "leadID":
+        p.add(("upsert_mode",), "upsert_mode true cannot be used with user_identifier leadID "
+              "(lead ids cannot create leads)")  # fmt: skip
+
+    mappings = _mappings(data.get("mappings"), p, identifier)
+
+    state = data.get("state")
+    if state is not None and not isinstance(state, str):
+        p.add(("state",), "must be a file path")
+        state = None
+    delivery = _delivery(data.get("delivery") or {}, p)
+
+    if p.items:
+        raise ConfigError(p.items)
+    return Config(
+        path=path,
+        identifier=identifier,
+        upsert=upsert,
+        mappings=mappings,
+        regulations=frozenset(r.lower() for r in regulations),
+        state=state,
+        delivery=delivery,
+        _auth={k: auth.get(k) for k in AUTH_KEYS},
+        _lines=lines,
+    )
+
+
+def _identifier(value: Any, p: _Problems) -> str:
+    loc = ("properties", "user_identifier")
+    if isinstance(value, list):
+        if len(value) != 1:
+            p.add(loc, "must be one identifier: email or leadID")
+            return "email"
+        value = value[0]
+    if value not in IDENTIFIERS:
+        close = difflib.get_close_matches(str(value), list(IDENTIFIERS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        p.add(loc, f"'{value}' is not supported{hint} (expected email or leadID)")
+        return "email"
+    return value
+
+
+def _mappings(raw: Any, p: _Problems, identifier: str) -> list[FieldMapping]:
+    if not isinstance(raw, list) or not raw:
+        p.add(("mappings",), "must be a non-empty list of {id: <Marketo field>, value: <Didomi property>}")
+        return []
+    out: list[FieldMapping] = []
+    seen: dict[str, int] = {}
+    for i, m in enumerate(raw):
+        loc = ("mappings", i)
+        if not isinstance(m, dict):
+            p.add(loc, "must be an object {id, value}")
+            continue
+        p.unknown_keys(m, MAPPING_KEYS, loc)
+        target = m.get("id")
+        if not isinstance(target, str) or not target.strip():
+            p.add((*loc, "id"), "must be a Marketo field REST name")
+            continue
+        if target in seen:
+            p.add((*loc, "id"), f"field '{target}' is already mapped by mappings[{seen[target]}]")
+        seen[target] = i
+        if target == IDENTIFIERS[identifier]:
+            p.add((*loc, "id"), f"'{target}' is the lookup field; it is always sent as the key")
+        transforms, problems = parse_transforms(m["transform"]) if "transform" in m else ((), [])
+        for problem in problems:
+            p.add((*loc, "transform"), problem)
+        has_const = any(t.name == "const" for t in transforms)
+        source = None
+        value = m.get("value")
+        if value is None and not has_const:
+            p.add((*loc, "value"), "is required (a Didomi property, e.g. consents_purposes_newsletter_enabled)")
+        elif value is not None:
+            if not isinstance(value, str):
+                p.add((*loc, "value"), "must be a string")
+            else:
+                try:
+                    source = parse_property(value)
+                except ValueError as e:
+                    p.add((*loc, "value"), str(e))
+        out.append(FieldMapping(target, source, transforms, where=p.where(loc)))
+    return out
+
+
+def _delivery(raw: Any, p: _Problems) -> DeliverySettings:
+    if not isinstance(raw, dict):
+        p.add(("delivery",), "must be an object")
+        return DeliverySettings()
+    p.unknown_keys(raw, DELIVERY_KEYS, ("delivery",))
+    values: dict[str, Any] = {}
+    limits = {"max_calls_per_20s": (1, 100), "max_concurrency": (1, 10), "batch_size": (1, 300)}
+    for key in DELIVERY_KEYS & raw.keys():
+        v = raw[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            p.add(("delivery", key), "must be a positive number")
+            continue
+        lo, hi = limits.get(key, (0, float("inf")))
+        if not lo <= v <= hi:
+            p.add(("delivery", key), f"must be between {lo} and {hi} (Marketo's limit)")
+            continue
+        values[key] = v
+    return DeliverySettings(**values)

@@ -1,0 +1,291 @@
+"""Deliver lead updates to Marketo: full batches, concurrent calls within the limits, retries,
+and one outcome per lead (created / updated / skipped / failed, retryable or not).
+
+Each lead is sent once per run (the fold made keys unique), so no two in-flight calls ever
+carry the same lookup value: Marketo documents that concurrent upserts of one key duplicate it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from didomi_marketo.config import DeliverySettings
+from didomi_marketo.errors import AuthError
+from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Stopped
+from didomi_marketo.marketo.codes import QUOTA_RESET_NOTE, Action, describe, is_expected_skip
+from didomi_marketo.marketo.limiter import Clock, Limiter, RealClock
+from didomi_marketo.plan import LeadUpdate
+
+MAX_BODY_BYTES = 1_000_000  # Marketo refuses > 1 MB (1,048,576) with HTTP 413; keep a margin
+ENVELOPE_BYTES = 100  # {"action":...,"lookupField":...,"input":[ ]}
+SYNC_PATH = "/rest/v1/leads.json"
+
+
+@dataclass(slots=True)
+class LeadOutcome:
+    key: str
+    payload: dict[str, Any]
+    source: str
+    status: str  # created | updated | skipped | failed
+    code: str = ""
+    reason: str = ""
+    retryable: bool = False
+    expected: bool = False  # an expected skip (1004 under updateOnly)
+    lead_id: int | None = None
+    stamps: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def delivered(self) -> bool:
+        return self.status in ("created", "updated")
+
+
+class OutcomeSink(Protocol):
+    def batch_done(self, outcomes: list[LeadOutcome]) -> None: ...
+
+
+@dataclass
+class DeliveryStats:
+    sent: int = 0  # leads handed to the engine
+    created: int = 0
+    updated: int = 0
+    skipped: Counter = field(default_factory=Counter)  # code -> leads
+    expected_skips: int = 0
+    failed: int = 0
+    failed_retryable: int = 0
+    calls: int = 0
+    batches: int = 0
+    splits: int = 0
+    retries: int = 0
+    reauths: int = 0
+    backoff_seconds: float = 0.0
+    rate_limited: int = 0  # 606 seen
+    concurrency_limited: int = 0  # 615 seen
+    max_in_flight: int = 0
+    first_call_at: float | None = None
+    last_answer_at: float | None = None
+    stop_reason: str | None = None  # why the run stopped early (quota, abort, budget)
+    fatal: str | None = None  # the fatal error's message, for exit code 3
+
+    @property
+    def delivery_seconds(self) -> float:
+        if self.first_call_at is None or self.last_answer_at is None:
+            return 0.0
+        return max(0.0, self.last_answer_at - self.first_call_at)
+
+    @property
+    def leads_per_second(self) -> float:
+        s = self.delivery_seconds
+        return (self.created + self.updated + sum(self.skipped.values())) / s if s else 0.0
+
+    @property
+    def delivered(self) -> int:
+        return self.created + self.updated
+
+    @property
+    def unexpected_skips(self) -> int:
+        return sum(self.skipped.values()) - self.expected_skips
+
+
+def batches(updates: Iterable[LeadUpdate], size: int) -> Iterable[list[LeadUpdate]]:
+    """Full batches: at most `size` leads and under 1 MB of JSON each."""
+    batch: list[LeadUpdate] = []
+    used = ENVELOPE_BYTES
+    for u in updates:
+        n = len(orjson.dumps(u.payload)) + 1
+        if batch and (len(batch) >= size or used + n > MAX_BODY_BYTES):
+            yield batch
+            batch, used = [], ENVELOPE_BYTES
+        batch.append(u)
+        used += n
+    if batch:
+        yield batch
+
+
+class Engine:
+    """Runs batches through `concurrency` workers sharing one limiter, retry policy and client."""
+
+    def __init__(
+        self,
+        client: MarketoClient,
+        *,
+        action: str,
+        lookup_field: str,
+        settings: DeliverySettings,
+        sink: OutcomeSink,
+        clock: Clock | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        window_seconds: float = 20.0,
+    ):
+        self.client = client
+        self.action = action
+        self.lookup_field = lookup_field
+        self.settings = settings
+        self.sink = sink
+        self.clock = clock or client.clock or RealClock()
+        self.limiter = Limiter(settings.max_calls_per_20s, window_seconds, settings.max_concurrency, self.clock)
+        self.policy = RetryPolicy(
+            self.clock, min_attempts=settings.retry_min_attempts, min_seconds=settings.retry_min_seconds
+        )
+        self.on_progress = on_progress
+        self.stats = DeliveryStats()
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def run(self, updates: Iterable[LeadUpdate]) -> DeliveryStats:
+        queue: asyncio.Queue[list[LeadUpdate] | None] = asyncio.Queue(maxsize=self.settings.max_concurrency * 2)
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.settings.max_concurrency)]
+        try:
+            for batch in batches(updates, self.settings.batch_size):
+                self.stats.sent += len(batch)
+                await queue.put(batch)
+        finally:
+            for _ in workers:
+                await queue.put(None)
+            await asyncio.gather(*workers)
+        self.stats.retries = self.policy.retries
+        self.stats.backoff_seconds = self.policy.backoff_seconds
+        self.stats.rate_limited = self.policy.rate_limited
+        self.stats.concurrency_limited = self.policy.concurrency_limited
+        self.stats.reauths = self.client.reauths
+        self.stats.max_in_flight = self.limiter.max_in_flight
+        return self.stats
+
+    async def _worker(self, queue: asyncio.Queue[list[LeadUpdate] | None]) -> None:
+        while (batch := await queue.get()) is not None:
+            await self._deliver(batch)
+
+    def stop(self, reason: str, fatal: str | None = None) -> None:
+        if self.stats.stop_reason is None:
+            self.stats.stop_reason = reason
+        if fatal and self.stats.fatal is None:
+            self.stats.fatal = fatal
+
+    async def _deliver(self, batch: list[LeadUpdate]) -> None:
+        if self.stats.stop_reason:
+            self._finish(batch, self._undelivered(batch, "stopped", self.stats.stop_reason))
+            return
+        try:
+            results = await self.policy.run(lambda: self._send(batch), lambda: self.stats.stop_reason)
+        except GaveUp as e:
+            self._finish(batch, self._undelivered(batch, e.last.code, str(e)))
+        except Stopped as e:
+            self._finish(batch, self._undelivered(batch, "stopped", str(e)))
+        except AuthError as e:
+            self.stop(str(e), fatal=str(e))
+            self._finish(batch, self._undelivered(batch, "auth", str(e)))
+        except CallFailed as e:
+            action = e.action
+            if action is Action.SPLIT and len(batch) > 1:
+                self.stats.splits += 1
+                half = len(batch) // 2
+                await self._deliver(batch[:half])
+                await self._deliver(batch[half:])
+                return
+            if action is Action.QUOTA:
+                why = f"Marketo daily quota reached (607); {QUOTA_RESET_NOTE}"
+                self.stop(why, fatal=why)
+            elif action is Action.ABORT:
+                why = f"Marketo refused the call: {e} ({describe(e.code)})"
+                self.stop(why, fatal=why)
+            elif action is Action.SPLIT:
+                self._finish(batch, self._undelivered(batch, e.code, "lead payload alone is over 1 MB", retryable=False))
+                return
+            self._finish(batch, self._undelivered(batch, e.code, str(e)))
+        else:
+            self._finish(batch, self._outcomes(batch, results))
+
+    async def _send(self, batch: list[LeadUpdate]) -> list[dict[str, Any]]:
+        """One attempt: take a call slot, spend one call of the budget, read per-lead results."""
+        stats = self.stats
+        budget = self.settings.max_calls
+        if budget is not None and stats.calls >= budget:
+            why = f"the --max-calls budget of {budget} calls is spent"
+            self.stop(why, fatal=why)
+            raise Stopped(why)
+        async with self.limiter.slot():
+            if stats.stop_reason:
+                raise Stopped(stats.stop_reason)
+            stats.calls += 1
+            now = self.clock.now()
+            if stats.first_call_at is None:
+                stats.first_call_at = now
+            body = {
+                "action": self.action,
+                "lookupField": self.lookup_field,
+                "input": [u.payload for u in batch],
+            }
+            try:
+                answer = await self.client.call("POST", SYNC_PATH, json=body)
+            finally:
+                stats.last_answer_at = self.clock.now()
+        results = answer.get("result")
+        if not isinstance(results, list) or len(results) != len(batch):
+            got = len(results) if isinstance(results, list) else "no"
+            raise CallFailed(
+                "result_mismatch",
+                f"Marketo answered {got} results for {len(batch)} leads; not counted as delivered",
+                maybe_applied=True,
+            )
+        stats.batches += 1
+        return results
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    def _outcomes(self, batch: list[LeadUpdate], results: list[dict[str, Any]]) -> list[LeadOutcome]:
+        """result[i] answers input[i] (Adobe: same order)."""
+        out = []
+        for u, r in zip(batch, results, strict=True):
+            status = r.get("status") if isinstance(r, dict) else None
+            if status in ("created", "updated"):
+                out.append(LeadOutcome(u.key, u.payload, u.source, status, lead_id=r.get("id"), stamps=u.stamps))
+                continue
+            reasons = r.get("reasons") if isinstance(r, dict) else None
+            first = reasons[0] if isinstance(reasons, list) and reasons and isinstance(reasons[0], dict) else {}
+            code = str(first.get("code", "unknown"))
+            message = str(first.get("message", "")) or describe(code)
+            if status == "skipped":
+                out.append(
+                    LeadOutcome(
+                        u.key, u.payload, u.source, "skipped", code, message,
+                        expected=is_expected_skip(code, self.action), stamps=u.stamps,
+                    )
+                )  # fmt: skip
+            else:
+                out.append(
+                    LeadOutcome(
+                        u.key, u.payload, u.source, "failed", "unknown_status",
+                        f"Marketo answered status {status!r}", retryable=True, stamps=u.stamps,
+                    )
+                )  # fmt: skip
+        return out
+
+    def _undelivered(
+        self, batch: list[LeadUpdate], code: str, reason: str, retryable: bool = True
+    ) -> list[LeadOutcome]:
+        return [
+            LeadOutcome(u.key, u.payload, u.source, "failed", code, reason, retryable=retryable, stamps=u.stamps)
+            for u in batch
+        ]
+
+    def _finish(self, batch: list[LeadUpdate], outcomes: list[LeadOutcome]) -> None:
+        stats = self.stats
+        for o in outcomes:
+            if o.status == "created":
+                stats.created += 1
+            elif o.status == "updated":
+                stats.updated += 1
+            elif o.status == "skipped":
+                stats.skipped[o.code] += 1
+                stats.expected_skips += o.expected
+            else:
+                stats.failed += 1
+                stats.failed_retryable += o.retryable
+        self.sink.batch_done(outcomes)
+        if self.on_progress is not None:
+            self.on_progress(len(outcomes))

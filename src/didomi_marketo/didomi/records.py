@@ -1,0 +1,213 @@
+"""Recognise Didomi record shapes anywhere in the input and turn them into consent observations.
+
+Shapes (../shared/reference/didomi-data.md): a batch-export line `{"user", "events"}`, a user
+(consent status), an event (partial update), a webhook envelope `{"type", "parameters"}`, and a
+Consents API page `{"data": [...]}`. Arrays of any of these are walked too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from didomi_marketo.didomi.readers import LinedDocument
+
+
+@dataclass(slots=True)
+class Observation:
+    """One user status (at its `updated_at`) or one event (at its `created_at`) for one user."""
+
+    kind: str  # "user" | "event"
+    key: Any  # organization_user_id as found (validated later against the identifier)
+    timestamp: Any  # the raw created_at / updated_at
+    consents: dict
+    user: dict  # the user object, or the event's `user`
+    regulation: Any
+    status: Any  # events only: confirmed | pending_approval | None
+    line: int
+
+
+@dataclass(slots=True)
+class Unusable:
+    """A record that cannot become an observation: deleted (ignored) or unrecognised (rejected)."""
+
+    category: str  # "deleted" | "rejected"
+    reason: str
+    line: int
+    key: Any = None
+
+
+WEBHOOK_ENTITY = {
+    "event.created": ("event", "entity"),
+    "event.updated": ("event", "new_entity"),
+    "user.created": ("user", "entity"),
+    "user.updated": ("user", "new_entity"),
+}
+
+
+def observations(value: Any, line: int) -> Iterator[Observation | Unusable]:
+    """Every observation in a parsed NDJSON line or document (with per-object lines)."""
+    if isinstance(value, LinedDocument):
+        yield from _walk(value.value, _LineCursor(value.object_lines, line))
+    else:
+        yield from _walk(value, _FixedLine(line))
+
+
+class _FixedLine:
+    """NDJSON: every record in a line has that line."""
+
+    def __init__(self, line: int):
+        self.line = line
+
+    def at(self, obj: dict) -> int:
+        return self.line
+
+    def skip(self, obj: Any) -> None:
+        pass
+
+
+class _LineCursor:
+    """Document: the n-th dict in pre-order starts at object_lines[n]."""
+
+    def __init__(self, object_lines: list[int], default: int):
+        self.lines, self.next, self.default = object_lines, 0, default
+
+    def at(self, obj: dict) -> int:
+        """Line of `obj`, which must be the next dict in pre-order; consumes it and its children."""
+        line = self.lines[self.next] if self.next < len(self.lines) else self.default
+        self.next += 1 + _count_dicts_inside(obj)
+        return line
+
+    def skip(self, obj: Any) -> None:
+        self.next += _count_dicts(obj)
+
+
+def _count_dicts(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + _count_dicts_inside(value)
+    if isinstance(value, list):
+        return sum(_count_dicts(v) for v in value)
+    return 0
+
+
+def _count_dicts_inside(obj: dict) -> int:
+    return sum(_count_dicts(v) for v in obj.values())
+
+
+def _walk(value: Any, cursor: _FixedLine | _LineCursor) -> Iterator[Observation | Unusable]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _walk(item, cursor)
+        return
+    if not isinstance(value, dict):
+        yield Unusable("rejected", f"expected a JSON object, got {_type_name(value)}", _cursor_line(cursor))
+        return
+    data = value.get("data")
+    if isinstance(data, list) and "consents" not in value and "type" not in value:
+        # A Consents API page: its records are the items, each at its own line.
+        if isinstance(cursor, _LineCursor):
+            cursor.next += 1  # the page object itself
+        for child in value.values():
+            if child is data:
+                yield from _walk(data, cursor)
+            else:
+                cursor.skip(child)
+        return
+    line = cursor.at(value)
+    yield from recognise(value, line)
+
+
+def _cursor_line(cursor: _FixedLine | _LineCursor) -> int:
+    if isinstance(cursor, _LineCursor):
+        n = cursor.next
+        return cursor.lines[n - 1] if 0 < n <= len(cursor.lines) else cursor.default
+    return cursor.line
+
+
+def recognise(obj: dict, line: int) -> Iterator[Observation | Unusable]:
+    """Observations from one record object (not a page or an array)."""
+    consents = obj.get("consents")
+    user = obj.get("user")
+    events = obj.get("events")
+    if isinstance(user, dict) and isinstance(events, list) and consents is None:
+        yield from _export_line(user, events, line)
+    elif "type" in obj and isinstance(obj.get("parameters"), dict):
+        yield from _webhook(obj, line)
+    elif isinstance(consents, dict):
+        if isinstance(user, dict):
+            yield _event(obj, line)
+        else:
+            yield _user(obj, line)
+    else:
+        keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
+        yield Unusable(
+            "rejected",
+            "not a Didomi record (expected a user, an event, a webhook, an export line or an API "
+            f"page; keys: {keys})",
+            line,
+        )
+
+
+def _user(user: dict, line: int) -> Observation:
+    return Observation(
+        "user", user.get("organization_user_id"), user.get("updated_at"), user["consents"],
+        user, user.get("regulation"), None, line,
+    )  # fmt: skip
+
+
+def _event(event: dict, line: int, owner: dict | None = None) -> Observation:
+    user = event.get("user")
+    if not isinstance(user, dict):
+        user = owner or {}
+    key = user.get("organization_user_id")
+    if key is None and owner is not None:
+        key = owner.get("organization_user_id")
+        user = {**owner, **user}
+    consents = event.get("consents")
+    return Observation(
+        "event", key, event.get("created_at"), consents if isinstance(consents, dict) else {},
+        user, event.get("regulation"), event.get("status"), line,
+    )  # fmt: skip
+
+
+def _export_line(user: dict, events: list, line: int) -> Iterator[Observation | Unusable]:
+    if isinstance(user.get("consents"), dict):
+        yield _user(user, line)
+    for event in events:
+        if isinstance(event, dict):
+            yield _event(event, line, owner=user)
+        else:
+            yield Unusable("rejected", f"events[] item is {_type_name(event)}, not an event", line)
+
+
+def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
+    kind = envelope.get("type")
+    params = envelope["parameters"]
+    if isinstance(kind, str) and kind.endswith(".deleted"):
+        entity = params.get("entity") if isinstance(params.get("entity"), dict) else {}
+        key = entity.get("organization_user_id") or (entity.get("user") or {}).get(
+            "organization_user_id"
+        )
+        yield Unusable("deleted", f"webhook {kind} is not applied to Marketo", line, key)
+        return
+    if kind not in WEBHOOK_ENTITY:
+        yield Unusable("rejected", f"unknown webhook type {kind!r}", line)
+        return
+    shape, slot = WEBHOOK_ENTITY[kind]
+    entity = params.get(slot)
+    if not isinstance(entity, dict):
+        yield Unusable("rejected", f"webhook {kind} has no parameters.{slot} object", line)
+        return
+    if shape == "event":
+        yield _event(entity, line)
+    elif isinstance(entity.get("consents"), dict):
+        yield _user(entity, line)
+    else:
+        yield Unusable("rejected", f"webhook {kind}: parameters.{slot} has no consents", line)
+
+
+def _type_name(value: Any) -> str:
+    return {str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), "null" if value is None else type(value).__name__
+    )

@@ -1,0 +1,281 @@
+"""Marketo REST client: token handling, one call, and the retry policy around it.
+
+The access token travels only in the `Authorization: Bearer` header. No message raised from
+here contains a URL with a query string, a token or the client secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import orjson
+
+from didomi_marketo import __version__
+from didomi_marketo.config import Credentials
+from didomi_marketo.errors import AuthError
+from didomi_marketo.marketo.codes import Action, describe, request_action
+from didomi_marketo.marketo.limiter import Clock, RealClock
+
+T = TypeVar("T")
+TOKEN_PATH = "/identity/oauth/token"
+
+
+class CallFailed(Exception):
+    """One request-level failure, with the code that decides what happens next."""
+
+    def __init__(self, code: str, message: str, *, maybe_applied: bool = False):
+        self.code = code
+        self.message = message
+        self.maybe_applied = maybe_applied  # Marketo may have applied the batch anyway
+        super().__init__(f"{code}: {message}" if message else code)
+
+    @property
+    def action(self) -> Action:
+        return request_action(self.code)
+
+
+class GaveUp(Exception):
+    """A transient failure outlived the retry policy."""
+
+    def __init__(self, last: CallFailed, attempts: int, elapsed: float):
+        self.last, self.attempts, self.elapsed = last, attempts, elapsed
+        super().__init__(
+            f"gave up after {attempts} attempts over {elapsed:.0f} s; last error {last}"
+        )
+
+
+@dataclass
+class Token:
+    value: str
+    expires_at: float
+
+
+class MarketoClient:
+    """Talks to one Marketo instance. Use as `async with MarketoClient(...) as client`."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        timeout: float = 120.0,
+        max_connections: int = 10,
+        clock: Clock | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.credentials = credentials
+        self.clock = clock or RealClock()
+        self._http = httpx.AsyncClient(
+            base_url=credentials.base_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            headers={"User-Agent": f"didomi-marketo/{__version__}", "Accept-Encoding": "gzip"},
+            transport=transport,
+            follow_redirects=False,
+        )
+        self._token: Token | None = None
+        self._token_lock = asyncio.Lock()
+        self.tokens_fetched = 0
+        self.reauths = 0
+
+    async def __aenter__(self) -> MarketoClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    # -- auth ---------------------------------------------------------------------------------
+
+    async def token(self) -> str:
+        """A token valid for a while yet; fetched once for all concurrent callers."""
+        token = self._token
+        if token is not None and self.clock.now() < token.expires_at:
+            return token.value
+        async with self._token_lock:
+            token = self._token
+            if token is not None and self.clock.now() < token.expires_at:
+                return token.value
+            self._token = await self._fetch_token()
+            return self._token.value
+
+    def invalidate(self, value: str | None) -> None:
+        """Forget the token a call was refused with (601/602), unless already replaced."""
+        if self._token is not None and (value is None or self._token.value == value):
+            self._token = None
+            self.reauths += 1
+
+    async def _fetch_token(self) -> Token:
+        creds = self.credentials
+        params = {
+            "grant_type": "client_credentials",
+            "client_id": creds.client_id,
+            "client_secret": str(creds.client_secret),
+        }
+        for attempt in range(4):
+            try:
+                resp = await self._http.get(TOKEN_PATH, params=params)
+            except httpx.HTTPError as e:
+                raise CallFailed("network", f"{TOKEN_PATH}: {_transport_reason(e)}") from None
+            if resp.status_code == 401:
+                raise AuthError(
+                    f"Marketo refused the client credentials (HTTP 401 at {TOKEN_PATH}); "
+                    "check client_id and client_secret"
+                )
+            if resp.status_code != 200:
+                raise CallFailed(f"http:{resp.status_code}", f"{TOKEN_PATH} answered {resp.status_code}")
+            try:
+                body = orjson.loads(resp.content)
+                value = body["access_token"]
+                expires_in = float(body.get("expires_in", 0))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise CallFailed("unreadable", f"{TOKEN_PATH} answered an unreadable body") from None
+            self.tokens_fetched += 1
+            if expires_in > 1:
+                # Renew a little before Marketo would expire it: 10% of its life, at most 60 s.
+                margin = min(60.0, expires_in * 0.1)
+                return Token(value, self.clock.now() + expires_in - margin)
+            # expires_in 0 means "expiring now": Marketo hands out a fresh one right after.
+            await self.clock.sleep(min(1.0, 0.25 * (attempt + 1)))
+        return Token(value, self.clock.now())  # use it once; a 602 brings us back here
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One REST call. Returns the body when `success` is true; raises CallFailed otherwise."""
+        token = await self.token()
+        headers = {"Authorization": f"Bearer {token}"}
+        content = None
+        if json is not None:
+            content = orjson.dumps(json)
+            headers["Content-Type"] = "application/json"
+        try:
+            resp = await self._http.request(method, path, params=params, content=content, headers=headers)
+        except httpx.TimeoutException as e:
+            raise CallFailed("timeout", f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
+        except httpx.HTTPError as e:
+            raise CallFailed("network", f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
+        if resp.status_code != 200:
+            raise CallFailed(
+                f"http:{resp.status_code}",
+                f"{path} answered HTTP {resp.status_code}",
+                maybe_applied=resp.status_code >= 500,
+            )
+        try:
+            body = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            raise CallFailed("unreadable", f"{path} answered a body that is not JSON", maybe_applied=True) from None
+        if not isinstance(body, dict):
+            raise CallFailed("unreadable", f"{path} answered JSON that is not an object", maybe_applied=True)
+        if body.get("success") is not True:
+            errors = body.get("errors") or [{}]
+            first = errors[0] if isinstance(errors[0], dict) else {}
+            code = str(first.get("code", "unknown"))
+            failure = CallFailed(code, str(first.get("message", "")) or describe(code))
+            if failure.action is Action.REAUTH:
+                self.invalidate(token)
+            raise failure
+        return body
+
+    async def describe(self) -> list[dict[str, Any]]:
+        body = await self.call("GET", "/rest/v1/leads/describe.json")
+        return list(body.get("result") or [])
+
+    async def usage_today(self) -> int | None:
+        body = await self.call("GET", "/rest/v1/stats/usage.json")
+        result = body.get("result") or []
+        return int(result[0].get("total", 0)) if result else 0
+
+
+def _transport_reason(e: httpx.HTTPError) -> str:
+    """The kind of transport failure, without the URL (it may carry credentials)."""
+    name = type(e).__name__
+    detail = {
+        "ConnectError": "cannot connect",
+        "ConnectTimeout": "connection timed out",
+        "ReadTimeout": "no answer in time",
+        "WriteTimeout": "could not send in time",
+        "PoolTimeout": "no free connection in time",
+        "RemoteProtocolError": "connection closed without an answer",
+        "ReadError": "connection broken while reading the answer",
+        "WriteError": "connection broken while sending",
+    }.get(name, "transport error")
+    return f"{detail} ({name})"
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with jitter; a transient failure is given up only after at least
+    `min_attempts` retries spanning at least `min_seconds` (what Didomi's integration promises).
+    """
+
+    clock: Clock
+    min_attempts: int = 5
+    min_seconds: float = 300.0
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    max_reauths: int = 3
+    rng: random.Random | None = None
+    retries: int = 0
+    backoff_seconds: float = 0.0
+    rate_limited: int = 0
+    concurrency_limited: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = self.rng or random.Random()
+
+    def delay(self, attempt: int) -> float:
+        full = min(self.max_delay, self.base_delay * 2**attempt)
+        return full * (0.5 + 0.5 * self.rng.random())  # type: ignore[union-attr]
+
+    async def run(
+        self, attempt_call: Callable[[], Awaitable[T]], should_stop: Callable[[], str | None] | None = None
+    ) -> T:
+        """Call until success. REAUTH retries at once; RETRY backs off; the rest raise."""
+        first_failure: float | None = None
+        transient = 0
+        reauths = 0
+        while True:
+            try:
+                return await attempt_call()
+            except CallFailed as failure:
+                action = failure.action
+                if failure.code == "606":
+                    self.rate_limited += 1
+                elif failure.code == "615":
+                    self.concurrency_limited += 1
+                if action is Action.REAUTH and reauths < self.max_reauths:
+                    reauths += 1
+                    self.retries += 1
+                    continue
+                if action not in (Action.RETRY, Action.REAUTH):
+                    raise
+                now = self.clock.now()
+                if first_failure is None:
+                    first_failure = now
+                elapsed = now - first_failure
+                if transient >= self.min_attempts and elapsed >= self.min_seconds:
+                    raise GaveUp(failure, transient + 1, elapsed) from None
+                wait = self.delay(transient)
+                transient += 1
+                self.retries += 1
+                self.backoff_seconds += wait
+                await self.clock.sleep(wait)
+                if should_stop is not None and (why := should_stop()):
+                    raise Stopped(why) from None
+
+
+class Stopped(Exception):
+    """The run was stopped (quota, abort, budget) while this batch waited; it stays undelivered."""

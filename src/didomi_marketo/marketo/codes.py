@@ -1,0 +1,88 @@
+"""Marketo error codes -> what we do about them. One table, kept as data, with the reason for each.
+
+Sources: Adobe's error-codes page and how mature clients treat each code
+(../shared/reference/marketo-rest.md section 6). Match on codes, never on messages.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Action(Enum):
+    REAUTH = "reauth"  # fetch a new token, then resend the same call
+    RETRY = "retry"  # transient: back off (exponential, jittered) and resend
+    QUOTA = "quota"  # daily quota: stop sending at once, everything left is retryable tomorrow
+    ABORT = "abort"  # the run cannot succeed as configured: stop, exit 3
+    SPLIT = "split"  # payload too large: split the batch and resend both halves
+
+
+# Request-level codes (HTTP status or `errors[].code` with success:false).
+REQUEST_CODES: dict[str, tuple[Action, str]] = {
+    "601": (Action.REAUTH, "access token invalid: fetch a new one and resend"),
+    "602": (Action.REAUTH, "access token expired: fetch a new one and resend"),
+    "604": (Action.RETRY, "request timed out at Marketo; not executed"),
+    "606": (Action.RETRY, "rate limit (100 calls/20 s, shared with other integrations): back off"),
+    "608": (Action.RETRY, "API temporarily unavailable"),
+    "611": (Action.RETRY, "Marketo system error; clients retry it"),
+    "613": (Action.RETRY, "invalid multipart request; listed as transient by the engine's contract"),
+    "614": (Action.RETRY, "invalid subscription: 'usually temporary' per Adobe"),
+    "615": (Action.RETRY, "concurrent access limit (10 in flight, shared): back off"),
+    "713": (Action.RETRY, "transient error: wait and retry"),
+    "719": (Action.RETRY, "lock wait timeout"),
+    "607": (Action.QUOTA, "daily quota reached; resets at 12:00 AM US Central time"),
+    "600": (Action.ABORT, "access token not specified (a bug here, never data)"),
+    "603": (Action.ABORT, "access denied: the API user's role or IP allowlist"),
+    "605": (Action.ABORT, "HTTP method not supported"),
+    "609": (Action.ABORT, "invalid JSON"),
+    "610": (Action.ABORT, "resource not found: check the instance URL"),
+    "612": (Action.ABORT, "invalid content type"),
+    "616": (Action.ABORT, "invalid subscription type"),
+    # HTTP statuses (not Marketo codes; same table so there is one place to look).
+    "http:401": (Action.ABORT, "Marketo refused the client credentials"),
+    "http:413": (Action.SPLIT, "request body over 1 MB: split and resend"),
+    "http:414": (Action.SPLIT, "request URI over 8 KB"),
+    "http:429": (Action.RETRY, "rate limited by a proxy in front of Marketo"),
+}
+
+# Lead-level codes in `result[i].reasons[]`: never retried within the run (the same payload
+# would fail the same way), reported per lead.
+RECORD_CODES: dict[str, str] = {
+    "1001": "invalid value type for a field",
+    "1002": "missing value for a required field",
+    "1003": "invalid data (bad value, or id outside updateOnly)",
+    "1004": "lead not found (updateOnly: expected when upsert_mode is false)",
+    "1005": "lead already exists (createOnly)",
+    "1006": "field not found in Marketo",
+    "1007": "several leads match the lookup value (duplicates in Marketo)",
+    "1008": "access denied to partition",
+    "1009": "partition name must be specified",
+    "1010": "partition update not allowed",
+    "1011": "field not supported as lookup",
+    "1021": "company fields cannot be updated through Sync Leads",
+}
+
+LEAD_NOT_FOUND = "1004"
+QUOTA_RESET_NOTE = "Marketo's daily quota resets at 12:00 AM US Central time"
+
+
+def request_action(code: str) -> Action:
+    """What to do with a request-level failure. Unknown 5xx and unknown codes are transient."""
+    if code in REQUEST_CODES:
+        return REQUEST_CODES[code][0]
+    if code.startswith("http:5"):
+        return Action.RETRY  # 500/502/503/504: Adobe says retry 502 with backoff; so do clients
+    if code.startswith("http:"):
+        return Action.ABORT
+    return Action.RETRY
+
+
+def describe(code: str) -> str:
+    if code in REQUEST_CODES:
+        return REQUEST_CODES[code][1]
+    return RECORD_CODES.get(code, "")
+
+
+def is_expected_skip(code: str, action: str) -> bool:
+    """1004 under updateOnly is what upsert_mode false means: the user is not a lead (yet)."""
+    return code == LEAD_NOT_FOUND and action == "updateOnly"

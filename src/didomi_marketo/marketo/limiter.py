@@ -1,0 +1,72 @@
+"""Client-side limits: a sliding window of N calls per W seconds and M calls in flight.
+
+Marketo counts a call when it arrives and until it answers; we count from just before sending
+to after the answer, so our in-flight count always covers Marketo's. The window gets a small
+margin because Marketo sees each call a little later than we start it, by a varying delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class Limiter:
+    def __init__(self, calls: int, window: float, concurrency: int, clock: Clock | None = None):
+        self.calls = calls
+        self.window = window
+        # Arrival-time jitter on Marketo's side: 2% of the window plus 50 ms.
+        self.effective_window = window * 1.02 + 0.05
+        self.concurrency = concurrency
+        self.clock = clock or RealClock()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._started: deque[float] = deque()
+        self._window_lock = asyncio.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.waited = 0.0  # seconds spent waiting for the window
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one call slot: wait for a free concurrency slot, then for room in the window."""
+        async with self._slots:
+            await self._enter_window()
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                yield
+            finally:
+                self.in_flight -= 1
+
+    async def _enter_window(self) -> None:
+        async with self._window_lock:
+            while True:
+                now = self.clock.now()
+                horizon = now - self.effective_window
+                started = self._started
+                while started and started[0] <= horizon:
+                    started.popleft()
+                if len(started) < self.calls:
+                    started.append(now)
+                    return
+                wait = started[0] - horizon
+                self.waited += wait
+                await self.clock.sleep(wait)

@@ -1,0 +1,119 @@
+"""Outcomes -> report files (`--report DIR`) and the terminal summary.
+
+Report files are NDJSON, one object a line, written as outcomes arrive (a killed run leaves a
+usable partial report). Together they answer "what happened to user X" with one grep:
+
+  rejected.ndjson     input records that cannot be used (path:line, reason)
+  ignored.ndjson      records ignored on purpose: anonymous, pending, other regulation, deleted
+  delivered.ndjson    leads Marketo created or updated (key, status, lead id)
+  undelivered.ndjson  leads skipped or failed, with code, reason, retryable, expected, payload
+  summary.json        the counts, the config's identity (no secrets), start/end times
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from didomi_marketo.deliver import LeadOutcome
+
+IGNORED = ("anonymous", "pending", "other_regulation", "deleted")
+SHOW_ISSUES = 20  # rejected records printed on stderr before "... and N more"
+
+
+class Report:
+    """Collects per-record issues and per-lead outcomes; writes files when given a directory."""
+
+    def __init__(
+        self,
+        directory: str | Path | None,
+        on_rejected: Callable[[str], None] | None = None,
+        show_limit: int = SHOW_ISSUES,
+    ):
+        self.directory = Path(directory) if directory else None
+        self.on_rejected = on_rejected  # prints "path:line: reason" on stderr
+        self.show_limit = show_limit
+        self._files: dict[str, IO[bytes]] = {}
+        self.shown = 0
+        self.rejected = 0
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for name in ("rejected", "ignored", "delivered", "undelivered"):
+                self._files[name] = open(self.directory / f"{name}.ndjson", "wb")  # noqa: SIM115
+
+    def _write(self, name: str, obj: dict[str, Any]) -> None:
+        f = self._files.get(name)
+        if f is not None:
+            f.write(orjson.dumps(obj) + b"\n")
+
+    # -- input issues -------------------------------------------------------------------------
+
+    def issue(self, category: str, path: str, line: int, reason: str, key: Any = None) -> None:
+        where = f"{path}:{line}" if line else path
+        entry: dict[str, Any] = {"source": where, "category": category, "reason": reason}
+        if key is not None:
+            entry["key"] = key
+        if category in IGNORED:
+            self._write("ignored", entry)
+            return
+        self.rejected += 1
+        self._write("rejected", entry)
+        if self.on_rejected is not None and self.shown < self.show_limit:
+            self.shown += 1
+            self.on_rejected(f"{where}: {reason}")
+
+    # -- lead outcomes ------------------------------------------------------------------------
+
+    def batch_done(self, outcomes: list[LeadOutcome]) -> None:
+        for o in outcomes:
+            if o.delivered:
+                self._write("delivered", {"key": o.key, "status": o.status, "id": o.lead_id, "source": o.source})
+            else:
+                self._write("undelivered", outcome_record(o))
+        for f in self._files.values():
+            f.flush()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.directory is not None:
+            tmp = self.directory / "summary.json.tmp"
+            tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+            os.replace(tmp, self.directory / "summary.json")
+        self.close()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    @property
+    def unshown(self) -> int:
+        return self.rejected - self.shown
+
+
+def outcome_record(o: LeadOutcome) -> dict[str, Any]:
+    return {
+        "key": o.key,
+        "status": o.status,
+        "code": o.code,
+        "reason": o.reason,
+        "retryable": o.retryable,
+        "expected": o.expected,
+        "source": o.source,
+        "payload": o.payload,
+        "stamps": o.stamps,
+    }
+
+
+def read_retryable(directory: str | Path) -> Iterator[dict[str, Any]]:
+    """The retryable leads of a report's undelivered.ndjson (for `retry`)."""
+    path = Path(directory) / "undelivered.ndjson"
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                rec = orjson.loads(line)
+                if rec.get("retryable"):
+                    yield rec

@@ -1,0 +1,394 @@
+"""The whole flow: read -> recognise -> fold -> map/plan -> deliver -> report.
+
+`run_sync` is what `didomi-marketo sync` calls; `--dry-run` stops after the plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import orjson
+
+from didomi_marketo.config import Config, Credentials
+from didomi_marketo.deliver import DeliveryStats, Engine, LeadOutcome
+from didomi_marketo.didomi.fold import Fold, FoldSchema
+from didomi_marketo.didomi.readers import (
+    IncompletePartition,
+    InputFile,
+    Problem,
+    discover,
+    read_records,
+    sniff_json,
+)
+from didomi_marketo.didomi.records import Observation, observations
+from didomi_marketo.errors import FatalError
+from didomi_marketo.marketo.client import CallFailed, MarketoClient
+from didomi_marketo.marketo.limiter import Clock
+from didomi_marketo.plan import LeadUpdate, Planner, PlanStats
+from didomi_marketo.report import Report
+
+DEFAULT_DAILY_QUOTA = 50_000
+SAMPLES = 3
+
+
+@dataclass
+class SyncOptions:
+    paths: list[str]
+    dry_run: bool = False
+    allow_incomplete: bool = False
+    output: str | None = None  # dry run: every payload as NDJSON
+    rate_window: float = 20.0  # seconds of Marketo's rate window (compressed in the sandbox bench)
+    daily_quota: int = DEFAULT_DAILY_QUOTA
+    spill_threshold: int = 250_000
+
+
+@dataclass
+class InputStats:
+    files: int = 0
+    files_skipped: int = 0  # not JSON (READMEs...) in a folder
+    records: int = 0
+    partitions_refused: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    exit_code: int
+    samples: list[dict[str, Any]]
+    fatal: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# read -> fold
+
+
+def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats,
+              on_file: Callable[[InputFile], bool] | None = None) -> None:  # fmt: skip
+    """Feed every record of `paths` into the fold. `on_file` may veto a file (state: unchanged)."""
+    add, reject = fold.add, fold.reject
+    for item in discover(paths, allow_incomplete):
+        if isinstance(item, Problem):
+            reject("rejected", item.path, item.line, item.reason)
+            continue
+        if isinstance(item, IncompletePartition):
+            stats.partitions_refused.append(item.partition)
+            reject("rejected", item.partition, 0, str(item).split(": ", 1)[1])
+            continue
+        if item.walked and not sniff_json(item):
+            stats.files_skipped += 1
+            continue
+        if on_file is not None and not on_file(item):
+            continue
+        stats.files += 1
+        path = item.display
+        for rec in read_records(item):
+            stats.records += 1
+            if isinstance(rec, Problem):
+                reject("rejected", rec.path, rec.line, rec.reason)
+                continue
+            value, line = rec
+            for ob in observations(value, line):
+                if type(ob) is Observation:
+                    add(ob, path)
+                else:
+                    reject(ob.category, path, ob.line, ob.reason, ob.key)
+
+
+def build_fold(config: Config, report: Report, spill_threshold: int) -> Fold:
+    return Fold(
+        FoldSchema.from_mappings(config.mappings),
+        config.identifier,
+        config.regulations,
+        report.issue,
+        spill_threshold=spill_threshold,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+class _Tee:
+    """Passes lead updates through while keeping a few samples and writing `--output`."""
+
+    def __init__(self, updates: Iterable[LeadUpdate], output: IO[bytes] | None):
+        self.updates, self.output, self.samples = updates, output, []
+
+    def __iter__(self) -> Iterator[LeadUpdate]:
+        for u in self.updates:
+            if len(self.samples) < SAMPLES:
+                self.samples.append(u.payload)
+            if self.output is not None:
+                self.output.write(orjson.dumps(u.payload) + b"\n")
+            yield u
+
+
+def run_sync(
+    config: Config,
+    options: SyncOptions,
+    report: Report,
+    *,
+    credentials: Credentials | None = None,
+    clock: Clock | None = None,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
+    sinks: list[Any] | None = None,
+) -> RunResult:
+    """Run one sync (or dry run). Never raises for bad input: it is counted and reported."""
+    started = time.time()
+    input_stats = InputStats()
+    fold = build_fold(config, report, options.spill_threshold)
+    warnings: list[str] = []
+    try:
+        if not options.dry_run:
+            assert credentials is not None
+            # Fail fast on bad credentials before reading gigabytes of input.
+            asyncio.run(_check_auth(credentials, config))
+        read_into(fold, options.paths, options.allow_incomplete, input_stats)
+        folded = len(fold)
+        planner = Planner(config.mappings, fold.schema, config.lookup_field)
+        output = open(options.output, "wb") if options.output else None  # noqa: SIM115
+        try:
+            tee = _Tee(planner.plan(fold.leads()), output)
+            if options.dry_run:
+                for _ in tee:
+                    pass
+                delivery = None
+            else:
+                assert credentials is not None
+                delivery = asyncio.run(
+                    _deliver(config, credentials, options, tee, report, sinks or [], clock,
+                             on_progress, folded, warnings)  # fmt: skip
+                )
+        finally:
+            if output is not None:
+                output.close()
+    finally:
+        fold.close()
+    summary = summarise(config, options, input_stats, fold, planner.stats, delivery, started, folded)
+    code = exit_code(fold, input_stats, delivery)
+    summary["exit_code"] = code
+    report.finish(summary)
+    return RunResult(summary, code, tee.samples, delivery.fatal if delivery else None, warnings)
+
+
+async def _check_auth(credentials: Credentials, config: Config) -> None:
+    async with MarketoClient(credentials, timeout=config.delivery.timeout, max_connections=1) as client:
+        try:
+            await client.token()
+        except CallFailed as e:
+            raise FatalError(f"cannot reach Marketo at {credentials.base_url}: {e.message}") from None
+
+
+class _Fanout:
+    def __init__(self, sinks: list[Any]):
+        self.sinks = sinks
+
+    def batch_done(self, outcomes: list[LeadOutcome]) -> None:
+        for s in self.sinks:
+            s.batch_done(outcomes)
+
+
+async def _deliver(config, credentials, options, updates, report, sinks, clock, on_progress,
+                   folded, warnings) -> DeliveryStats:  # fmt: skip
+    settings = config.delivery
+    async with MarketoClient(
+        credentials, timeout=settings.timeout, max_connections=settings.max_concurrency, clock=clock
+    ) as client:
+        expected_calls = math.ceil(folded / settings.batch_size)
+        if expected_calls >= 50:
+            warning = await _quota_warning(client, expected_calls, options.daily_quota)
+            if warning:
+                warnings.append(warning)
+        progress = None
+        if on_progress is not None:
+            done = 0
+
+            def progress(n: int) -> None:
+                nonlocal done
+                done += n
+                on_progress("deliver", done, folded)
+
+        engine = Engine(
+            client,
+            action=config.action,
+            lookup_field=config.lookup_field,
+            settings=settings,
+            sink=_Fanout([report, *sinks]),
+            clock=clock,
+            on_progress=progress,
+            window_seconds=options.rate_window,
+        )
+        return await engine.run(updates)
+
+
+async def _quota_warning(client: MarketoClient, calls: int, quota: int) -> str | None:
+    """Read today's usage; warn when this run would not fit in what is left of the quota."""
+    try:
+        used = await client.usage_today()
+    except CallFailed:
+        return None
+    left = quota - (used or 0)
+    if calls > left:
+        return (
+            f"this run needs about {calls} calls but only {max(left, 0)} of the daily quota "
+            f"({quota}) are left today ({used} used); it will stop at the quota and leave the rest "
+            "retryable"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# summary and exit code
+
+
+def exit_code(fold: Fold, inputs: InputStats, delivery: DeliveryStats | None) -> int:
+    if delivery is not None and delivery.fatal:
+        return 3
+    if fold.stats.rejected or inputs.partitions_refused:
+        return 1
+    if delivery is not None and (delivery.failed or delivery.unexpected_skips):
+        return 1
+    return 0
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def summarise(config: Config, options: SyncOptions, inputs: InputStats, fold: Fold,
+              plan: PlanStats, delivery: DeliveryStats | None, started: float,
+              folded: int) -> dict[str, Any]:  # fmt: skip
+    fs = fold.stats
+    fields = {}
+    for name, counter in plan.fields.items():
+        fields[name] = {
+            "true": counter.get("true", 0),
+            "false": counter.get("false", 0),
+            "other": counter.get("other", 0),
+            "absent": plan.to_send - sum(counter.values()),
+        }
+    summary: dict[str, Any] = {
+        "mode": "dry-run" if options.dry_run else "sync",
+        "started_at": _iso(started),
+        "finished_at": _iso(time.time()),
+        "duration_seconds": round(time.time() - started, 3),
+        "config": config.identity(),
+        "input": {
+            "files": inputs.files,
+            "files_skipped": inputs.files_skipped,
+            "partitions_refused": inputs.partitions_refused,
+            "records": inputs.records,
+            "observations": fs.observations,
+            "user_statuses": fs.user_statuses,
+            "events": fs.events,
+            "applied": fs.applied,
+            "rejected": fs.rejected,
+            "ignored": {
+                "anonymous": fs.anonymous,
+                "pending": fs.pending,
+                "other_regulation": fs.other_regulation,
+                "deleted": fs.deleted,
+            },
+        },
+        "leads": {
+            "folded": folded,
+            "nothing_to_send": plan.nothing_to_send,
+            "unchanged": plan.unchanged,
+            "to_send": plan.to_send,
+        },
+        "fields": fields,
+    }
+    if delivery is not None:
+        summary["delivery"] = delivery_summary(delivery)
+    return summary
+
+
+def delivery_summary(d: DeliveryStats) -> dict[str, Any]:
+    return {
+        "sent": d.sent,
+        "created": d.created,
+        "updated": d.updated,
+        "skipped": dict(sorted(d.skipped.items())),
+        "expected_skips": d.expected_skips,
+        "failed": d.failed,
+        "failed_retryable": d.failed_retryable,
+        "calls": d.calls,
+        "batches": d.batches,
+        "splits": d.splits,
+        "retries": d.retries,
+        "reauths": d.reauths,
+        "backoff_seconds": round(d.backoff_seconds, 3),
+        "rate_limited_606": d.rate_limited,
+        "concurrency_limited_615": d.concurrency_limited,
+        "max_in_flight": d.max_in_flight,
+        "delivery_seconds": round(d.delivery_seconds, 3),
+        "leads_per_second": round(d.leads_per_second, 1),
+        "stop_reason": d.stop_reason,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# retry: start at `deliver` from a report
+
+
+def run_retry(
+    config: Config,
+    report_dir: str,
+    report: Report,
+    *,
+    dry_run: bool = False,
+    credentials: Credentials | None = None,
+    clock: Clock | None = None,
+    options: SyncOptions | None = None,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
+    sinks: list[Any] | None = None,
+) -> RunResult:
+    """Re-send exactly the retryable leads of an earlier report, with the same engine."""
+    from didomi_marketo.report import read_retryable
+
+    options = options or SyncOptions(paths=[], dry_run=dry_run)
+    started = time.time()
+    updates = [
+        LeadUpdate(r["key"], r["payload"], r.get("source", ""), r.get("stamps") or {})
+        for r in read_retryable(report_dir)
+    ]
+    mismatched = [u.key for u in updates if config.lookup_field not in u.payload]
+    if mismatched:
+        raise FatalError(
+            f"{report_dir}: leads were reported under another lookup field than the config's "
+            f"'{config.lookup_field}' (e.g. {mismatched[0]}); use the config of the original run"
+        )
+    tee = _Tee(updates, None)
+    warnings: list[str] = []
+    delivery = None
+    if dry_run:
+        list(tee)
+    else:
+        assert credentials is not None
+        delivery = asyncio.run(
+            _deliver(config, credentials, options, tee, report, sinks or [], clock, on_progress,
+                     len(updates), warnings)  # fmt: skip
+        )
+    summary: dict[str, Any] = {
+        "mode": "retry-dry-run" if dry_run else "retry",
+        "from_report": str(report_dir),
+        "started_at": _iso(started),
+        "finished_at": _iso(time.time()),
+        "config": config.identity(),
+        "leads": {"retryable": len(updates)},
+    }
+    if delivery is not None:
+        summary["delivery"] = delivery_summary(delivery)
+    code = 3 if delivery and delivery.fatal else (
+        1 if delivery and (delivery.failed or delivery.unexpected_skips) else 0
+    )
+    summary["exit_code"] = code
+    report.finish(summary)
+    return RunResult(summary, code, tee.samples, delivery.fatal if delivery else None, warnings)
