@@ -67,6 +67,7 @@ class Limiter:
                 if len(started) < self.calls:
                     started.append(now)
                     return
-                wait = started[0] - horizon
+                # At least a millisecond: float rounding must not leave a zero-length wait.
+                wait = max(started[0] - horizon, 0.001)
                 self.waited += wait
                 await self.clock.sleep(wait)

@@ -1,0 +1,248 @@
+"""The delivery engine against the sandbox with injected faults, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import event, make_config, write_ndjson
+
+from didomi_marketo.config import load_config
+from didomi_marketo.marketo.limiter import Limiter, RealClock
+from didomi_marketo.report import Report
+from didomi_marketo.sync import SyncOptions, run_sync
+
+
+class FastClock:
+    """Real time plus every sleep, taken instantly: backoff of minutes costs nothing."""
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() + self.skipped
+
+    async def sleep(self, seconds: float) -> None:
+        self.skipped += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+def leads_file(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "leads.json"
+    path.write_text(json.dumps([{"email": f"u{i}@example.com"} for i in range(n)]))
+    return path
+
+
+def events_file(tmp_path: Path, n: int, newsletter: bool = True) -> Path:
+    return write_ndjson(
+        tmp_path / "events.ndjson",
+        [event(f"u{i}@example.com", "2026-11-01T00:00:00Z", {"newsletter": newsletter, "product_analytics": i % 2 == 0}) for i in range(n)],
+    )  # fmt: skip
+
+
+def sync(tmp_path: Path, sb, n: int, *, clock=None, report: str = "r", delivery=None, upsert=False, **cfg):
+    """Run the library's sync of n events into sb; returns (result, report dir)."""
+    config_path = make_config(tmp_path, sb, upsert_mode=upsert, delivery=delivery or {}, **cfg)
+    config = load_config(config_path)
+    rep_dir = tmp_path / report
+    result = run_sync(
+        config, SyncOptions(paths=[str(tmp_path / "events.ndjson")]), Report(rep_dir),
+        credentials=config.credentials(), clock=clock or FastClock(),
+    )  # fmt: skip
+    return result, rep_dir
+
+
+def assert_all_right(sb, n: int, newsletter: bool = True) -> None:
+    for i in range(n):
+        lead = sb.lead_by_email(f"u{i}@example.com")
+        assert lead is not None, i
+        assert lead["didomiNewsletterOptIn"] is newsletter, lead
+        assert lead["didomiAnalyticsOptIn"] is (i % 2 == 0), lead
+
+
+def undelivered(rep_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (rep_dir / "undelivered.ndjson").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "kind", ["http:500", "http:502", "http:503", "code:604", "code:606", "code:608", "code:611",
+             "code:615", "code:713", "drop", "garbage", "short_result"],
+)  # fmt: skip
+def test_transient_failures_are_retried_until_every_lead_lands(sandbox_factory, tmp_path, kind):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 700)))
+    events_file(tmp_path, 700)
+    sb.inject(kind, times=3)
+    result, rep = sync(tmp_path, sb, 700)
+    assert result.exit_code == 0, result.summary
+    assert_all_right(sb, 700)
+    d = result.summary["delivery"]
+    assert d["updated"] == 700 and d["failed"] == 0 and d["retries"] >= 3
+    assert sb.stats()["faults_injected"] == 3
+    assert undelivered(rep) == []
+
+
+@pytest.mark.parametrize("kind", ["drop_after_apply", "http500_after_apply"])
+def test_failure_after_apply_is_resent_and_creates_no_duplicates(sandbox_factory, tmp_path, kind):
+    sb = sandbox_factory()  # empty Marketo: every lead is created (upsert)
+    events_file(tmp_path, 400)
+    sb.inject(kind, times=2)
+    result, _ = sync(tmp_path, sb, 400, upsert=True)
+    assert result.exit_code == 0
+    assert len(sb.leads()) == 400  # createOrUpdate by email: a resent create updates
+    assert_all_right(sb, 400)
+    d = result.summary["delivery"]
+    assert d["created"] + d["updated"] == 400 and d["updated"] >= 1
+
+
+def test_expiring_tokens_are_renewed(sandbox_factory, tmp_path):
+    # 30 calls of 0.2 s, two at a time: 3 s of delivery with tokens that live 2 s.
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 1500)), token_ttl=2, latency=0.2)
+    events_file(tmp_path, 1500)
+    result, _ = sync(tmp_path, sb, 1500, clock=RealClock(), delivery={"max_concurrency": 2, "batch_size": 50})
+    assert result.exit_code == 0, result.summary
+    assert_all_right(sb, 1500)
+    assert sb.stats()["tokens_issued"] >= 2
+
+
+def test_injected_token_errors_reauthenticate(sandbox_factory, tmp_path):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 10)))
+    events_file(tmp_path, 10)
+    sb.inject("code:601", times=1)
+    sb.inject("code:602", times=1)
+    result, _ = sync(tmp_path, sb, 10)
+    assert result.exit_code == 0
+    assert result.summary["delivery"]["reauths"] == 2
+    assert_all_right(sb, 10)
+
+
+def test_persistent_outage_gives_up_after_five_minutes_then_retry_finishes(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 50)))
+    events_file(tmp_path, 50)
+    sb.inject("http:503", times=10_000)
+    clock = FastClock()
+    result, rep = sync(tmp_path, sb, 50, clock=clock)
+    assert result.exit_code == 1
+    d = result.summary["delivery"]
+    assert d["failed"] == 50 and d["failed_retryable"] == 50
+    assert d["retries"] >= 5 and d["backoff_seconds"] >= 300  # Didomi's promise: 5 tries in 5 min
+    assert d["backoff_seconds"] < 600
+    lost = undelivered(rep)
+    assert len(lost) == 50 and all(u["retryable"] and u["payload"]["email"] for u in lost)
+    assert sb.lead_by_email("u0@example.com").get("didomiNewsletterOptIn") is None
+
+    sb.clear_faults()
+    res = cli("retry", rep, "-c", tmp_path / "config.json", "--report", tmp_path / "r2", "-q")
+    assert res.exit_code == 0, res.output
+    assert_all_right(sb, 50)
+    assert json.loads((tmp_path / "r2" / "summary.json").read_text())["delivery"]["updated"] == 50
+
+
+def test_daily_quota_stops_at_once_and_retry_finishes_after_reset(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 100)), daily_quota=3)
+    events_file(tmp_path, 100)
+    config = make_config(tmp_path, sb, delivery={"batch_size": 10, "max_concurrency": 1})
+    res = cli("sync", tmp_path / "events.ndjson", "-c", config, "--report", tmp_path / "r", "-q")
+    assert res.exit_code == 3
+    assert "quota" in res.stderr and "US Central" in res.stderr and "Traceback" not in res.stderr
+    assert sb.stats()["quota_exceeded"] == 1  # no hammering: one refused call, then stop
+    lost = undelivered(tmp_path / "r")
+    assert len(lost) == 70 and all(u["retryable"] for u in lost)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["delivery"]["updated"] == 30 and summary["exit_code"] == 3
+
+    sb.config.daily_quota = 1000  # a new day (and a bigger subscription)
+    httpx.post(sb.base_url + "/_sandbox/reset-quota")
+    res = cli("retry", tmp_path / "r", "-c", config, "--report", tmp_path / "r2", "-q")
+    assert res.exit_code == 0, res.output
+    assert_all_right(sb, 100)
+
+
+def test_max_calls_budget_stops_and_leaves_the_rest_retryable(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 50)))
+    events_file(tmp_path, 50)
+    config = make_config(tmp_path, sb, delivery={"batch_size": 10, "max_concurrency": 1})
+    res = cli("sync", tmp_path / "events.ndjson", "-c", config, "--max-calls", 2, "--report", tmp_path / "r", "-q")
+    assert res.exit_code == 3 and "--max-calls" in res.stderr
+    assert sb.stats()["sync_calls"] == 2
+    assert len(undelivered(tmp_path / "r")) == 30
+
+
+def test_413_splits_the_batch(sandbox_factory, tmp_path):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 300)))
+    events_file(tmp_path, 300)
+    sb.inject("http:413", times=1)
+    result, _ = sync(tmp_path, sb, 300)
+    assert result.exit_code == 0
+    assert result.summary["delivery"]["splits"] == 1
+    assert sorted(sb.stats()["sync_batch_sizes"]) == [150, 150]
+    assert_all_right(sb, 300)
+
+
+@pytest.mark.parametrize("code", ["code:603", "code:610", "code:612"])
+def test_abort_codes_exit_three(sandbox_factory, tmp_path, code):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 20)))
+    events_file(tmp_path, 20)
+    sb.inject(code, times=1)
+    result, rep = sync(tmp_path, sb, 20)
+    assert result.exit_code == 3 and code.split(":")[1] in result.fatal
+    assert all(u["retryable"] for u in undelivered(rep))
+
+
+def test_limits_are_never_exceeded_and_keys_never_overlap(sandbox_factory, tmp_path):
+    # Sandbox limits equal to ours: any excess would show up as a 606 or 615.
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 3000)), rate_calls=8, rate_window=1.0,
+                         max_concurrency=3, latency=0.05)  # fmt: skip
+    events_file(tmp_path, 3000)
+    config = load_config(make_config(tmp_path, sb, delivery={"batch_size": 100, "max_concurrency": 3,
+                                                             "max_calls_per_20s": 8}))  # fmt: skip
+    started = time.monotonic()
+    result = run_sync(config, SyncOptions(paths=[str(tmp_path / "events.ndjson")], rate_window=1.0),
+                      Report(None), credentials=config.credentials())  # fmt: skip
+    elapsed = time.monotonic() - started
+    stats = sb.stats()
+    assert result.exit_code == 0
+    assert stats["rate_limited"] == 0 and stats["concurrency_limited"] == 0
+    assert stats["same_key_overlaps"] == 0
+    assert stats["sync_calls"] == 30 and stats["max_in_flight_seen"] <= 3
+    assert elapsed >= 3.0  # 30 calls at 8 per second cannot take less
+    assert_all_right(sb, 3000)
+
+
+def test_limiter_never_exceeds_window_or_concurrency():
+    class VirtualClock:
+        t = 0.0
+
+        def now(self) -> float:
+            return self.t
+
+        async def sleep(self, s: float) -> None:
+            self.t += s
+            await asyncio.sleep(0)
+
+    clock = VirtualClock()
+    limiter = Limiter(calls=10, window=2.0, concurrency=3, clock=clock)
+    starts: list[float] = []
+    in_flight = 0
+    peak = 0
+
+    async def call(i: int) -> None:
+        nonlocal in_flight, peak
+        async with limiter.slot():
+            starts.append(clock.now())
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await clock.sleep(0.01 * (i % 7))
+            in_flight -= 1
+
+    async def main() -> None:
+        await asyncio.gather(*(call(i) for i in range(95)))
+
+    asyncio.run(main())
+    assert len(starts) == 95 and peak == 3
+    starts.sort()
+    for i in range(len(starts) - 10):
+        assert starts[i + 10] - starts[i] >= 2.0  # never 11 calls within one window
