@@ -274,3 +274,7 @@ def _report(directory: Path | None, verbose: bool) -> Report:
 def main() -> None:
     """Console entry point."""
     app()
+
+
+# The mapping workbench (preview, check, fields) registers its commands on `app`.
+from didomi_marketo import cli_workbench  # noqa: E402, F401

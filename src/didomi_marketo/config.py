@@ -118,7 +118,10 @@ class Config:
         values: dict[str, str] = {}
         for key, env in ENV_FALLBACK.items():
             v = auth.get(key)
-            if key in auth and ENV_REF.search(str(self._auth.get(key) or "")) and not v:
+            refs = ENV_REF.findall(str(self._auth.get(key) or ""))
+            # Skip only when a missing variable was reported: a variable set to "" used to be
+            # skipped too, with no problem recorded, and then values[key] raised KeyError.
+            if not v and any(name not in os.environ for name in refs):
                 continue  # already reported as a missing variable
             if v in (None, ""):
                 v = os.environ.get(env)
@@ -212,7 +215,8 @@ def _parse(path: str, text: str) -> tuple[Any, dict[tuple, int]]:
         try:
             data = orjson.loads(text)
         except orjson.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON: {e}") from None
+            # `file:line` like every other config error (the line was only inside the message).
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     else:
         try:
             data = yaml.safe_load(text)
@@ -221,6 +225,10 @@ def _parse(path: str, text: str) -> tuple[Any, dict[tuple, int]]:
             where = f"{path}:{mark.line + 1}" if mark else path
             problem = getattr(e, "problem", None) or str(e)
             raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if stripped.startswith(("{", "[")):
+        # Tabs are JSON whitespace but YAML refuses them, which lost every line number of a
+        # tab-indented JSON config. Valid JSON has no raw tab inside strings, so a space is safe.
+        text = text.replace("\t", " ")
     try:  # JSON is YAML too: the composer gives every node a line.
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:

@@ -203,6 +203,10 @@ class Engine:
     async def _send(self, batch: list[LeadUpdate]) -> list[dict[str, Any]]:
         """One attempt: take a call slot, spend one call of the budget, read per-lead results."""
         stats = self.stats
+        # Encode before taking a slot: a slot is Marketo's time, not ours.
+        body = orjson.dumps(
+            {"action": self.action, "lookupField": self.lookup_field, "input": [u.payload for u in batch]}
+        )
         budget = self.settings.max_calls
         if budget is not None and stats.calls >= budget:
             why = f"the --max-calls budget of {budget} calls is spent"
@@ -215,13 +219,8 @@ class Engine:
             now = self.clock.now()
             if stats.first_call_at is None:
                 stats.first_call_at = now
-            body = {
-                "action": self.action,
-                "lookupField": self.lookup_field,
-                "input": [u.payload for u in batch],
-            }
             try:
-                answer = await self.client.call("POST", SYNC_PATH, json=body)
+                answer = await self.client.call("POST", SYNC_PATH, body=body)
             finally:
                 stats.last_answer_at = self.clock.now()
         results = answer.get("result")

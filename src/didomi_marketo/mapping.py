@@ -10,6 +10,7 @@ ids present in each record (see `Property.extract`).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,41 @@ class Property:
                     return v if isinstance(v, str | int | float | bool) else None
                 return None
         return None
+
+
+    def compile(self) -> Callable[[dict | None, dict, dict], Any]:
+        """`extract` specialised for this property: the fold's hot path (millions of calls).
+
+        Returns the same values as `extract`; a property with one reading (the usual case)
+        becomes a single small closure without the dispatch on kinds.
+        """
+        if len(self.readings) != 1 or self.readings[0].kind not in ("purpose_enabled", "purpose_values"):
+            return self.extract
+        r = self.readings[0]
+        purpose = r.purpose
+        if r.kind == "purpose_enabled":
+
+            def enabled(purposes: dict | None, consents: dict, user: dict) -> Any:
+                if purposes:
+                    p = purposes.get(purpose)
+                    if p is not None:
+                        v = p.get("enabled")
+                        return v if v is True or v is False else None
+                return None
+
+            return enabled
+        preference = r.preference
+
+        def values(purposes: dict | None, consents: dict, user: dict) -> Any:
+            if purposes:
+                p = purposes.get(purpose)
+                if p is not None:
+                    vals = p.get("values")
+                    if isinstance(vals, dict) and preference in vals:
+                        return _value_ids(vals[preference])
+            return None
+
+        return values
 
 
 def _find_by_id(items: Any, wanted: str) -> dict | None:
@@ -274,6 +310,10 @@ def parse_transforms(spec: Any) -> tuple[tuple[Transform, ...], list[str]]:
         if isinstance(item, str):
             if item in ("invert", "yes_no", "text"):
                 out.append(Transform(item))
+            elif item in ("map", "const"):
+                # A bare "map"/"const" was answered "did you mean 'map'?": say what it needs.
+                arg = "{...}" if item == "map" else "value"
+                problems.append(f"transform '{item}' needs an argument: {{{item}: {arg}}}")
             else:
                 close = difflib.get_close_matches(item, TRANSFORM_NAMES, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""

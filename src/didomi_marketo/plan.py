@@ -86,7 +86,10 @@ class Planner:
                 value, ts = state[slot], state[slot + 1]
                 if value is None:
                     continue
-            fields[m.field] = m.render(value)
+            rendered = m.render(value)
+            if rendered is None:  # `map: {id: null}` would blank the Marketo field: null is never sent
+                continue
+            fields[m.field] = rendered
             stamps[m.field] = ts
         if fields:  # a constant alone never makes a lead worth sending
             for m in consts:

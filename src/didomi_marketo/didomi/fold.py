@@ -31,6 +31,7 @@ FIRST_SLOT = 3
 NEVER = -math.inf
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+LEAD_ID = re.compile(r"[0-9]+\Z")
 
 
 @dataclass
@@ -81,7 +82,9 @@ def normalise_key(key: Any, identifier: str) -> tuple[str | None, str]:
     if identifier == "leadID":
         if isinstance(key, bool):
             return None, "organization_user_id is not a lead id (positive integer)"
-        if isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit()):
+        # ASCII digits only: str.isdigit() also accepts "²" (int() then crashed) and "٣"
+        # (silently read as lead 3).
+        if isinstance(key, int) or (isinstance(key, str) and LEAD_ID.match(key.strip())):
             n = int(key)
             if n > 0:
                 return str(n), ""
@@ -135,7 +138,13 @@ class Fold:
         self._spill: sqlite3.Connection | None = None
         self._spill_file: tempfile.TemporaryDirectory | None = None
         self._chunk = 0
-        self._extractors = [(schema.slots[p.name], p.extract) for p in schema.properties]
+        self._extractors = [(schema.slots[p.name], p.compile()) for p in schema.properties]
+        # Consecutive observations usually belong to one user (an export line is a user and
+        # their events): remember the last key's normalisation.
+        self._last_raw_key: Any = None
+        self._last_key: str | None = None
+        self._last_why = ""
+        self._timestamps: dict[str, float | None] = {}
         self._needs_purposes = schema.needs_purposes
 
     # -- input --------------------------------------------------------------------------------
@@ -152,7 +161,11 @@ class Fold:
         else:
             stats.user_statuses += 1
         reg = obs.regulation
-        if reg is not None and (not isinstance(reg, str) or reg.lower() not in self.regulations):
+        # isinstance first: `regulation` may be any JSON value, and a list/object is unhashable
+        # (`reg not in frozenset` raised TypeError).
+        if reg is not None and (
+            not isinstance(reg, str) or (reg not in self.regulations and reg.lower() not in self.regulations)
+        ):
             stats.other_regulation += 1
             self.on_issue("other_regulation", path, obs.line, f"regulation {reg!r} is not applied (see properties.regulations)", obs.key)
             return
@@ -164,12 +177,25 @@ class Fold:
             stats.anonymous += 1
             self.on_issue("anonymous", path, obs.line, "no organization_user_id (anonymous user): cannot reach a lead", None)
             return
-        key, why = normalise_key(obs.key, self.identifier)
+        if obs.key == self._last_raw_key and type(obs.key) is type(self._last_raw_key):
+            key, why = self._last_key, self._last_why
+        else:
+            key, why = normalise_key(obs.key, self.identifier)
+            self._last_raw_key, self._last_key, self._last_why = obs.key, key, why
         if key is None:
             stats.rejected += 1
             self.on_issue("rejected", path, obs.line, why, obs.key)
             return
-        ts = parse_timestamp(obs.timestamp)
+        raw_ts = obs.timestamp
+        timestamps = self._timestamps
+        if type(raw_ts) is str and raw_ts in timestamps:
+            ts = timestamps[raw_ts]
+        else:
+            ts = parse_timestamp(raw_ts)
+            if type(raw_ts) is str:
+                if len(timestamps) >= 100_000:  # bounded: timestamps repeat, but not forever
+                    timestamps.clear()
+                timestamps[raw_ts] = ts
         if ts is None:
             field_name = "created_at" if obs.kind == "event" else "updated_at"
             stats.rejected += 1

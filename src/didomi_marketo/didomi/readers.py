@@ -91,6 +91,11 @@ def discover(
             yield from _walk(path, allow_incomplete)
         elif path.is_file():
             partition = _enclosing_partition(path)
+            # A file named inside a partition is as partial as the partition: the _SUCCESS
+            # rule applies to it too (before, only folder walks checked the marker).
+            if partition is not None and not allow_incomplete and not partition_complete(partition):
+                yield IncompletePartition(str(partition))
+                continue
             yield InputFile(path, str(path), str(partition) if partition else None)
         else:
             yield Problem(raw, 0, "no such file or directory")

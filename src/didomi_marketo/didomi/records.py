@@ -7,7 +7,7 @@ Consents API page `{"data": [...]}`. Arrays of any of these are walked too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +46,16 @@ WEBHOOK_ENTITY = {
 }
 
 
-def observations(value: Any, line: int) -> Iterator[Observation | Unusable]:
+def observations(value: Any, line: int) -> Iterable[Observation | Unusable]:
     """Every observation in a parsed NDJSON line or document (with per-object lines)."""
+    if type(value) is dict:
+        # Fast path for the bulk of a backfill: one batch-export line, no generator layers.
+        user, events = value.get("user"), value.get("events")
+        if type(user) is dict and type(events) is list and value.get("consents") is None:
+            return _export_line(user, events, line)
     if isinstance(value, LinedDocument):
-        yield from _walk(value.value, _LineCursor(value.object_lines, line))
-    else:
-        yield from _walk(value, _FixedLine(line))
+        return _walk(value.value, _LineCursor(value.object_lines, line))
+    return _walk(value, _FixedLine(line))
 
 
 class _FixedLine:
@@ -171,14 +175,16 @@ def _event(event: dict, line: int, owner: dict | None = None) -> Observation:
     )  # fmt: skip
 
 
-def _export_line(user: dict, events: list, line: int) -> Iterator[Observation | Unusable]:
+def _export_line(user: dict, events: list, line: int) -> list[Observation | Unusable]:
+    out: list[Observation | Unusable] = []
     if isinstance(user.get("consents"), dict):
-        yield _user(user, line)
+        out.append(_user(user, line))
     for event in events:
         if isinstance(event, dict):
-            yield _event(event, line, owner=user)
+            out.append(_event(event, line, owner=user))
         else:
-            yield Unusable("rejected", f"events[] item is {_type_name(event)}, not an event", line)
+            out.append(Unusable("rejected", f"events[] item is {_type_name(event)}, not an event", line))
+    return out
 
 
 def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
@@ -186,12 +192,15 @@ def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
     params = envelope["parameters"]
     if isinstance(kind, str) and kind.endswith(".deleted"):
         entity = params.get("entity") if isinstance(params.get("entity"), dict) else {}
-        key = entity.get("organization_user_id") or (entity.get("user") or {}).get(
-            "organization_user_id"
+        # entity.user may be any JSON value: only read a key from an object (a string crashed).
+        owner = entity.get("user")
+        key = entity.get("organization_user_id") or (
+            owner.get("organization_user_id") if isinstance(owner, dict) else None
         )
         yield Unusable("deleted", f"webhook {kind} is not applied to Marketo", line, key)
         return
-    if kind not in WEBHOOK_ENTITY:
+    # `type` may be any JSON value; a list or object is unhashable and crashed the lookup.
+    if not isinstance(kind, str) or kind not in WEBHOOK_ENTITY:
         yield Unusable("rejected", f"unknown webhook type {kind!r}", line)
         return
     shape, slot = WEBHOOK_ENTITY[kind]

@@ -157,14 +157,19 @@ class MarketoClient:
         path: str,
         *,
         json: Any = None,
+        body: bytes | None = None,
         params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """One REST call. Returns the body when `success` is true; raises CallFailed otherwise."""
+        """One REST call. Returns the body when `success` is true; raises CallFailed otherwise.
+
+        `body` is JSON already encoded (the engine encodes a batch before taking a call slot).
+        """
         token = await self.token()
         headers = {"Authorization": f"Bearer {token}"}
-        content = None
+        content = body
         if json is not None:
             content = orjson.dumps(json)
+        if content is not None:
             headers["Content-Type"] = "application/json"
         try:
             resp = await self._http.request(method, path, params=params, content=content, headers=headers)
