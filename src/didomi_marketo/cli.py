@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,6 +42,16 @@ ConfigOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print every rejected record.")]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option("--state", help="SQLite state: send only what changed since Marketo last confirmed it."),
+]
+WaitLockOpt = Annotated[
+    float, typer.Option("--wait-lock", min=0, help="Seconds to wait when another run holds the state.")
+]
+LogFormatOpt = Annotated[
+    str, typer.Option("--log-format", help="text, or json: one JSON object a line on stderr (for cron).")
+]
 
 
 def _version(value: bool) -> None:
@@ -161,22 +172,33 @@ def sync(
         float,
         typer.Option("--rate-window", min=0.1, help="Seconds of the rate window (20; less for a sandbox)."),
     ] = 20.0,
+    state: StateOpt = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Ignore the state for this run (send everything), then refresh it.")
+    ] = False,
+    wait_lock: WaitLockOpt = 0.0,
+    log_format: LogFormatOpt = "text",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Read Didomi records, fold them per user, map them, and push Marketo lead updates."""
+    log = _log(log_format)
     cfg = _load(config, upsert)
     cfg = _with_delivery(cfg, max_calls, max_calls_per_20s, max_concurrency)
     credentials = None if dry_run else cfg.credentials()
+    state_path = str(state) if state else cfg.state
     options = SyncOptions(
         paths=paths, dry_run=dry_run, allow_incomplete=allow_incomplete,
         output=str(output) if output else None, rate_window=rate_window, daily_quota=daily_quota,
+        state=state_path, full=full, wait_lock=wait_lock,
     )  # fmt: skip
-    rep = _report(report, verbose)
-    with _Progress(not quiet) as progress:
-        result = run_sync(cfg, options, rep, credentials=credentials, on_progress=progress.update)
+    rep = _report(report, verbose, log)
+    log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())
+    with _Progress(not quiet and log.is_text) as progress:
+        result = run_sync(cfg, options, rep, credentials=credentials, on_progress=log.progress(progress.update))
     if rep.unshown and not verbose:
         err.print(f"... and {rep.unshown} more rejected records" + (f" (see {report}/rejected.ndjson)" if report else " (use --report DIR to list them all)"), markup=False)
+    log.event("end", summary=result.summary)
     _finish(result, quiet)
 
 
@@ -193,16 +215,24 @@ def retry(
     max_calls_per_20s: Annotated[int | None, typer.Option("--max-calls-per-20s", min=1, max=100)] = None,
     max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", min=1, max=10)] = None,
     rate_window: Annotated[float, typer.Option("--rate-window", min=0.1)] = 20.0,
+    state: StateOpt = None,
+    wait_lock: WaitLockOpt = 0.0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Re-send exactly the retryable leads of an earlier report, and write a fresh report."""
+    """Re-send exactly the retryable leads of an earlier report, and write a fresh report.
+
+    With --state, a lead that a newer sync already delivered is not rolled back.
+    """
     if not (report_dir / "undelivered.ndjson").is_file():
         raise ConfigError(f"{report_dir}: not a didomi-marketo report (no undelivered.ndjson)")
     if report is not None and report.resolve() == report_dir.resolve():
         raise ConfigError("--report must differ from the report being retried")
     cfg = _with_delivery(_load(config), max_calls, max_calls_per_20s, max_concurrency)
     credentials = None if dry_run else cfg.credentials()
-    options = SyncOptions(paths=[], dry_run=dry_run, rate_window=rate_window)
+    options = SyncOptions(
+        paths=[], dry_run=dry_run, rate_window=rate_window,
+        state=str(state) if state else cfg.state, wait_lock=wait_lock,
+    )  # fmt: skip
     with _Progress(not quiet) as progress:
         result = run_retry(
             cfg, str(report_dir), _report(report, False), dry_run=dry_run,
@@ -249,6 +279,71 @@ def sandbox(
     serve_forever(cfg, host, port, faults=faults)
 
 
+state_app = typer.Typer(help="Inspect or reset the state store of incremental syncs.", no_args_is_help=True)
+app.add_typer(state_app, name="state")
+StateFileArg = Annotated[Path, typer.Option("--state", help="The state file (as given to sync --state).")]
+
+
+@state_app.command("show")
+@expected_errors
+def state_show(
+    state: StateFileArg,
+    key: Annotated[str | None, typer.Argument(help="A lead key (email or lead id).")] = None,
+) -> None:
+    """Counts, or one lead's last confirmed values, pending payload and skip reason."""
+    from didomi_marketo.didomi.fold import normalise_key
+    from didomi_marketo.state import StateStore, lead_record
+
+    store = StateStore(state, readonly=True)
+    try:
+        if key is None:
+            out.print_json(orjson.dumps(store.counts()).decode())
+            return
+        lookup = store.lead(key) or store.lead(normalise_key(key, "email")[0] or key)
+        if lookup is None:
+            err.print(f"{key}: not in {state}", markup=False)
+            raise typer.Exit(1)
+        out.print_json(orjson.dumps(lead_record(lookup)).decode())
+    finally:
+        store.close()
+
+
+@state_app.command("export")
+@expected_errors
+def state_export(
+    state: StateFileArg,
+    pending: Annotated[bool, typer.Option("--pending", help="Only leads waiting to be re-sent.")] = False,
+) -> None:
+    """Every lead in the state as NDJSON on stdout."""
+    from didomi_marketo.state import StateStore
+
+    store = StateStore(state, readonly=True)
+    try:
+        for rec in store.export(pending_only=pending):
+            sys.stdout.write(orjson.dumps(rec).decode() + "\n")
+    finally:
+        store.close()
+
+
+@state_app.command("reset")
+@expected_errors
+def state_reset(
+    state: StateFileArg,
+    yes: Annotated[bool, typer.Option("--yes", help="Do it: the next sync sends everything.")] = False,
+    wait_lock: WaitLockOpt = 0.0,
+) -> None:
+    """Forget everything: the next sync re-sends every lead (like --full, for good)."""
+    from didomi_marketo.state import StateLock
+
+    if not yes:
+        raise ConfigError("state reset deletes the state; add --yes to confirm")
+    with StateLock(state) as lock:
+        lock.acquire(wait_lock)
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(state) + suffix).unlink(missing_ok=True)
+    out.print(f"reset {state}")
+
+
 def _with_delivery(cfg: Config, max_calls, per_20s, concurrency) -> Config:
     from dataclasses import replace
 
@@ -264,11 +359,45 @@ def _with_delivery(cfg: Config, max_calls, per_20s, concurrency) -> Config:
     return cfg
 
 
-def _report(directory: Path | None, verbose: bool) -> Report:
+def _report(directory: Path | None, verbose: bool, log: _Log | None = None) -> Report:
     def show(line: str) -> None:
-        err.print(line, markup=False, highlight=False, soft_wrap=True)
+        if log is not None and not log.is_text:
+            log.event("rejected", record=line)
+        else:
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
 
     return Report(directory, on_rejected=show, show_limit=sys.maxsize if verbose else SHOW_ISSUES)
+
+
+class _Log:
+    """`--log-format json`: one JSON object a line on stderr (start, progress, end) for collectors."""
+
+    def __init__(self, fmt: str, every: float = 10.0):
+        self.is_text = fmt == "text"
+        self.every = every
+        self._last = 0.0
+
+    def event(self, name: str, **fields: Any) -> None:
+        if not self.is_text:
+            record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": name, **fields}
+            sys.stderr.write(orjson.dumps(record, default=str).decode() + "\n")
+            sys.stderr.flush()
+
+    def progress(self, bar: Callable[[str, int, int | None], None]) -> Callable[[str, int, int | None], None]:
+        def update(stage: str, done: int, total: int | None) -> None:
+            bar(stage, done, total)
+            now = time.monotonic()
+            if not self.is_text and now - self._last >= self.every:
+                self._last = now
+                self.event("progress", stage=stage, done=done, total=total)
+
+        return update
+
+
+def _log(fmt: str) -> _Log:
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"--log-format {fmt!r}: expected text or json")
+    return _Log(fmt)
 
 
 def main() -> None:

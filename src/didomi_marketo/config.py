@@ -149,7 +149,9 @@ class Config:
             "upsert_mode": self.upsert,
             "regulations": sorted(self.regulations),
             "mappings": [
-                {"id": m.field, "value": m.source.name if m.source else None} for m in self.mappings
+                {"id": m.field, "value": m.source.name if m.source else None}
+                | ({"transform": [t.describe() for t in m.transforms]} if m.transforms else {})
+                for m in self.mappings
             ],
             "client_id": self._auth.get("client_id") or os.environ.get("MARKETO_CLIENT_ID"),
             "instance": self._auth.get("instance") or os.environ.get("MARKETO_INSTANCE"),

@@ -250,6 +250,14 @@ class Transform:
     table: dict[str, Any] | None = None  # for `map`
     const: Any = None  # for `const`
 
+    def describe(self) -> Any:
+        """The transform as written in a config (for summaries and change detection)."""
+        if self.name == "map":
+            return {"map": self.table}
+        if self.name == "const":
+            return {"const": self.const}
+        return self.name
+
     def apply(self, value: Any) -> Any:
         if self.name == "invert":
             return (not value) if isinstance(value, bool) else value

@@ -5,13 +5,17 @@ Pure: nothing here talks to Marketo. A dry run and `preview` are this stage rend
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from didomi_marketo.didomi.fold import LATEST, NEVER, SRC_LINE, SRC_PATH, FoldSchema, format_timestamp
 from didomi_marketo.mapping import FieldMapping, classify_value
+from didomi_marketo.marketo.codes import LEAD_NOT_FOUND
 
 
 @dataclass(slots=True)
@@ -24,10 +28,20 @@ class LeadUpdate:
     stamps: dict[str, float] = field(default_factory=dict)  # field -> consent timestamp
 
 
-class ConfirmedState(Protocol):
-    """What Marketo last confirmed for a lead (the state store, issue #4)."""
+def payload_hash(fields: dict[str, Any]) -> str:
+    """A stable hash of field values (the lookup field excluded), for "did anything change"."""
+    return hashlib.sha1(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class PriorState(Protocol):
+    """What the state store knows of a lead (issue #4): see state.StateStore."""
+
+    def lead(self, key: str) -> Any: ...  # LeadState | None: confirmed, pending, skipped_hash
 
     def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None: ...
+
+
+ConfirmedState = PriorState  # the name the workbench uses for "compare against the state"
 
 
 @dataclass
@@ -35,7 +49,8 @@ class PlanStats:
     leads: int = 0
     to_send: int = 0
     nothing_to_send: int = 0
-    unchanged: int = 0
+    unchanged: int = 0  # same values as Marketo last confirmed (or last permanently skipped)
+    pending_resent: int = 0  # leads pending from an earlier run, not in this input, re-sent
     kept_newer: int = 0  # fields where the state held a newer consent than the input
     fields: dict[str, Counter] = field(default_factory=dict)
 
@@ -54,13 +69,22 @@ class Planner:
         mappings: list[FieldMapping],
         schema: FoldSchema,
         lookup_field: str,
-        state: ConfirmedState | None = None,
+        state: PriorState | None = None,
+        action: str = "updateOnly",
     ):
         self.mappings = mappings
+        self.action = action
         self.schema = schema
         self.lookup_field = lookup_field
         self.state = state
+        # Leads an earlier run left pending: re-sent even if this input never mentions them.
+        self.pending: set[str] = (
+            state.pending_keys() if state is not None and hasattr(state, "pending_keys") else set()
+        )
         self.stats = PlanStats()
+        # A lead is worth sending when a consent property has a value; timestamps, country or
+        # metadata alone are not (unless the config maps no consent property at all).
+        self._consent_fields = {m.field for m in mappings if m.source is not None and m.source.is_consent}
         for m in mappings:
             self.stats.fields[m.field] = Counter()
         self._sources = [
@@ -91,9 +115,12 @@ class Planner:
                 continue
             fields[m.field] = rendered
             stamps[m.field] = ts
+        if self._consent_fields and self._consent_fields.isdisjoint(fields):
+            return {}, {}
         if fields:  # a constant alone never makes a lead worth sending
             for m in consts:
                 fields[m.field] = m.render(None)
+                stamps[m.field] = 0.0  # constants have no consent time: any newer value wins
         return fields, stamps
 
     def plan(self, leads: Iterable[tuple[str, list[Any]]]) -> Iterator[LeadUpdate]:
@@ -106,28 +133,50 @@ class Planner:
             if not fields:
                 stats.nothing_to_send += 1
                 continue
-            if self.state is not None:
-                fields, changed = self._against_confirmed(key, fields, stamps)
-                if not changed:
-                    stats.unchanged += 1
-                    continue
-            for name, value in fields.items():
-                stats.count_field(name, classify_value(value))
-            stats.to_send += 1
-            payload = {lookup: int(key) if as_int else key, **fields}
-            yield LeadUpdate(key, payload, f"{state[SRC_PATH]}:{state[SRC_LINE]}", stamps)
+            if self.state is not None and not self._worth_sending(key, fields, stamps):
+                stats.unchanged += 1
+                continue
+            yield self._update(key, {lookup: int(key) if as_int else key, **fields},
+                               f"{state[SRC_PATH]}:{state[SRC_LINE]}", stamps)  # fmt: skip
+        if self.pending and self.state is not None:
+            for key, payload, stamps in self.state.pending_payloads(self.pending):  # type: ignore[attr-defined]
+                if lookup in payload:
+                    stats.pending_resent += 1
+                    yield self._update(key, payload, "state:pending", stamps)
 
-    def _against_confirmed(
-        self, key: str, fields: dict[str, Any], stamps: dict[str, float]
-    ) -> tuple[dict[str, Any], bool]:
-        """Keep newer confirmed values (an old file read late changes nothing); diff the rest."""
+    def reconcile(self, updates: Iterable[LeadUpdate]) -> Iterator[LeadUpdate]:
+        """`retry`: re-check earlier payloads against the state, so a newer sync is never undone."""
+        lookup = self.lookup_field
+        for u in updates:
+            fields = {k: v for k, v in u.payload.items() if k != lookup}
+            stamps = dict(u.stamps)
+            if self.state is not None and not self._worth_sending(u.key, fields, stamps):
+                self.stats.unchanged += 1
+                continue
+            yield self._update(u.key, {lookup: u.payload[lookup], **fields}, u.source, stamps)
+
+    def _update(self, key: str, payload: dict[str, Any], source: str, stamps: dict[str, float]) -> LeadUpdate:
+        stats = self.stats
+        for name, value in payload.items():
+            if name != self.lookup_field:
+                stats.count_field(name, classify_value(value))
+        stats.to_send += 1
+        return LeadUpdate(key, payload, source, stamps)
+
+    def _worth_sending(self, key: str, fields: dict[str, Any], stamps: dict[str, float]) -> bool:
+        """Against the state: keep newer confirmed values (an old file read late changes nothing),
+        then send when a value differs from what Marketo confirmed, or the lead is pending.
+        A lead Marketo skipped for good (1004, 1006...) is not re-sent until its values change.
+        """
         assert self.state is not None
-        confirmed = self.state.confirmed(key)
-        if not confirmed:
-            return fields, True
+        prior = self.state.lead(key)
+        if prior is None:
+            return True
+        pending = key in self.pending
+        self.pending.discard(key)
         changed = False
         for name in list(fields):
-            before = confirmed.get(name)
+            before = prior.confirmed.get(name)
             if before is None:
                 changed = True
                 continue
@@ -138,4 +187,10 @@ class Planner:
                 stamps[name] = ts
             elif value != fields[name]:
                 changed = True
-        return fields, changed
+        if pending:
+            return True
+        if prior.skipped_code == LEAD_NOT_FOUND and self.action == "createOrUpdate":
+            return True  # skipped as "not a lead" under updateOnly; upsert now creates it
+        if changed and prior.skipped_hash is not None:
+            return payload_hash(fields) != prior.skipped_hash
+        return changed

@@ -9,6 +9,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -30,8 +31,9 @@ from didomi_marketo.didomi.records import Observation, observations
 from didomi_marketo.errors import FatalError
 from didomi_marketo.marketo.client import CallFailed, MarketoClient
 from didomi_marketo.marketo.limiter import Clock
-from didomi_marketo.plan import LeadUpdate, Planner, PlanStats
+from didomi_marketo.plan import LeadUpdate, Planner, PlanStats, payload_hash
 from didomi_marketo.report import Report
+from didomi_marketo.state import StateLock, StateStore, input_unit
 
 DEFAULT_DAILY_QUOTA = 50_000
 SAMPLES = 3
@@ -46,12 +48,16 @@ class SyncOptions:
     rate_window: float = 20.0  # seconds of Marketo's rate window (compressed in the sandbox bench)
     daily_quota: int = DEFAULT_DAILY_QUOTA
     spill_threshold: int = 250_000
+    state: str | None = None  # the state store (incremental syncs)
+    full: bool = False  # ignore the state for this run (and refresh it)
+    wait_lock: float = 0.0  # seconds to wait for another run holding the state lock
 
 
 @dataclass
 class InputStats:
     files: int = 0
     files_skipped: int = 0  # not JSON (READMEs...) in a folder
+    files_unchanged: int = 0  # skipped: unchanged since the state recorded them
     records: int = 0
     partitions_refused: list[str] = field(default_factory=list)
 
@@ -143,39 +149,93 @@ def run_sync(
     """Run one sync (or dry run). Never raises for bad input: it is counted and reported."""
     started = time.time()
     input_stats = InputStats()
-    fold = build_fold(config, report, options.spill_threshold)
     warnings: list[str] = []
-    try:
-        if not options.dry_run:
-            assert credentials is not None
-            # Fail fast on bad credentials before reading gigabytes of input.
-            asyncio.run(_check_auth(credentials, config))
-        read_into(fold, options.paths, options.allow_incomplete, input_stats)
-        folded = len(fold)
-        planner = Planner(config.mappings, fold.schema, config.lookup_field)
-        output = open(options.output, "wb") if options.output else None  # noqa: SIM115
+    with _open_state(options) as store:
+        fold = build_fold(config, report, options.spill_threshold)
         try:
-            tee = _Tee(planner.plan(fold.leads()), output)
-            if options.dry_run:
-                for _ in tee:
-                    pass
-                delivery = None
-            else:
+            if not options.dry_run:
                 assert credentials is not None
-                delivery = asyncio.run(
-                    _deliver(config, credentials, options, tee, report, sinks or [], clock,
-                             on_progress, folded, warnings)  # fmt: skip
-                )
+                # Fail fast on bad credentials before reading gigabytes of input.
+                asyncio.run(_check_auth(credentials, config))
+            inputs = _InputFilter(store, options.full, config) if store is not None else None
+            read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs)
+            if inputs is not None:
+                input_stats.files_unchanged = inputs.unchanged
+            folded = len(fold)
+            prior = None if store is None or options.full else store
+            planner = Planner(config.mappings, fold.schema, config.lookup_field, prior, config.action)
+            output = open(options.output, "wb") if options.output else None  # noqa: SIM115
+            try:
+                tee = _Tee(planner.plan(fold.leads()), output)
+                if options.dry_run:
+                    for _ in tee:
+                        pass
+                    delivery = None
+                else:
+                    assert credentials is not None
+                    all_sinks = [*(sinks or []), *([store] if store is not None else [])]
+                    delivery = asyncio.run(
+                        _deliver(config, credentials, options, tee, report, all_sinks, clock,
+                                 on_progress, folded, warnings)  # fmt: skip
+                    )
+                    if inputs is not None:
+                        # Every lead of these inputs is now confirmed, skipped or pending in the
+                        # state: the next sync may skip them while they stay unchanged.
+                        store.remember_inputs(inputs.units)  # type: ignore[union-attr]
+            finally:
+                if output is not None:
+                    output.close()
         finally:
-            if output is not None:
-                output.close()
-    finally:
-        fold.close()
+            fold.close()
     summary = summarise(config, options, input_stats, fold, planner.stats, delivery, started, folded)
     code = exit_code(fold, input_stats, delivery)
     summary["exit_code"] = code
     report.finish(summary)
     return RunResult(summary, code, tee.samples, delivery.fatal if delivery else None, warnings)
+
+
+@contextmanager
+def _open_state(options: SyncOptions) -> Iterator[StateStore | None]:
+    """The state store with its lock (a dry run only reads it, so it takes no lock)."""
+    if not options.state:
+        yield None
+        return
+    lock = StateLock(options.state)
+    if not options.dry_run:
+        lock.acquire(options.wait_lock)
+    try:
+        store = StateStore(options.state)
+        try:
+            yield store
+        finally:
+            store.close()
+    finally:
+        lock.release()
+
+
+class _InputFilter:
+    """Skips inputs (files, or whole export partitions) unchanged since a sync recorded them."""
+
+    def __init__(self, store: StateStore, full: bool, config: Config):
+        self.store, self.full = store, full
+        # An input is "unchanged" only under the same mapping: a mapping change re-reads it.
+        self.config_hash = payload_hash(config.identity() | {"client_id": None, "instance": None})
+        self.units: dict[str, str] = {}
+        self.unchanged = 0
+        self._decided: dict[str, bool] = {}
+
+    def __call__(self, f: InputFile) -> bool:
+        identity = input_unit(f)
+        if identity is None:
+            return True  # stdin: always read
+        unit, fingerprint = identity
+        fingerprint = f"{fingerprint}:{self.config_hash}"
+        if unit not in self._decided:
+            self._decided[unit] = self.full or not self.store.input_unchanged(unit, fingerprint)
+            self.units[unit] = fingerprint
+        if not self._decided[unit]:
+            self.unchanged += 1
+        return self._decided[unit]
 
 
 async def _check_auth(credentials: Credentials, config: Config) -> None:
@@ -283,6 +343,7 @@ def summarise(config: Config, options: SyncOptions, inputs: InputStats, fold: Fo
         "input": {
             "files": inputs.files,
             "files_skipped": inputs.files_skipped,
+            "files_unchanged": inputs.files_unchanged,
             "partitions_refused": inputs.partitions_refused,
             "records": inputs.records,
             "observations": fs.observations,
@@ -301,6 +362,8 @@ def summarise(config: Config, options: SyncOptions, inputs: InputStats, fold: Fo
             "folded": folded,
             "nothing_to_send": plan.nothing_to_send,
             "unchanged": plan.unchanged,
+            "pending_resent": plan.pending_resent,
+            "kept_newer_fields": plan.kept_newer,
             "to_send": plan.to_send,
         },
         "fields": fields,
@@ -365,24 +428,28 @@ def run_retry(
             f"{report_dir}: leads were reported under another lookup field than the config's "
             f"'{config.lookup_field}' (e.g. {mismatched[0]}); use the config of the original run"
         )
-    tee = _Tee(updates, None)
     warnings: list[str] = []
     delivery = None
-    if dry_run:
-        list(tee)
-    else:
-        assert credentials is not None
-        delivery = asyncio.run(
-            _deliver(config, credentials, options, tee, report, sinks or [], clock, on_progress,
-                     len(updates), warnings)  # fmt: skip
-        )
+    with _open_state(options) as store:
+        planner = Planner(config.mappings, FoldSchema.from_mappings(config.mappings), config.lookup_field, store, config.action)
+        planner.pending = set()  # retry sends the report's leads, not the state's other pending ones
+        tee = _Tee(planner.reconcile(updates), None)
+        if dry_run:
+            list(tee)
+        else:
+            assert credentials is not None
+            all_sinks = [*(sinks or []), *([store] if store is not None else [])]
+            delivery = asyncio.run(
+                _deliver(config, credentials, options, tee, report, all_sinks, clock, on_progress,
+                         len(updates), warnings)  # fmt: skip
+            )
     summary: dict[str, Any] = {
         "mode": "retry-dry-run" if dry_run else "retry",
         "from_report": str(report_dir),
         "started_at": _iso(started),
         "finished_at": _iso(time.time()),
         "config": config.identity(),
-        "leads": {"retryable": len(updates)},
+        "leads": {"retryable": len(updates), "unchanged": planner.stats.unchanged, "to_send": planner.stats.to_send},
     }
     if delivery is not None:
         summary["delivery"] = delivery_summary(delivery)

@@ -1,0 +1,290 @@
+"""The state store (`--state FILE`): what Marketo confirmed, what is pending, which inputs were read.
+
+SQLite in WAL mode, committed once per delivered batch, so a run killed at any moment (kill -9
+included) loses at most the batches in flight: the next run re-sends only those.
+
+Per lead key:
+  confirmed     {field: [value, consent timestamp]} Marketo last confirmed (created/updated)
+  pending       the payload of a lead that failed retryably (or was stopped by the quota):
+                re-sent by the next sync even if no input mentions the lead again
+  skipped_hash  hash of a payload Marketo skipped for a permanent reason (1004, 1006...):
+                not re-sent until the lead's values change
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from didomi_marketo.deliver import LeadOutcome
+from didomi_marketo.didomi.readers import InputFile
+from didomi_marketo.errors import FatalError
+from didomi_marketo.plan import payload_hash
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leads (
+    key TEXT PRIMARY KEY,
+    confirmed BLOB,
+    confirmed_hash TEXT,
+    confirmed_at REAL,
+    pending BLOB,
+    pending_reason TEXT,
+    skipped_hash TEXT,
+    skipped_code TEXT,
+    skipped_reason TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leads_pending ON leads(key) WHERE pending IS NOT NULL;
+CREATE TABLE IF NOT EXISTS inputs (
+    unit TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    synced_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB, at REAL);
+"""
+BLOCK = 65536
+
+
+@dataclass
+class LeadState:
+    key: str
+    confirmed: dict[str, tuple[Any, float]]
+    confirmed_at: float | None
+    pending: dict[str, Any] | None
+    pending_reason: str | None
+    skipped_hash: str | None
+    skipped_code: str | None
+    skipped_reason: str | None
+
+
+class StateStore:
+    """Open with `StateStore(path)`; `close()` when done. One writer at a time (see `lock`)."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False):
+        self.path = Path(path)
+        if readonly and not self.path.exists():
+            raise FatalError(f"{self.path}: no such state file")
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each commit point
+        self.db.executescript(SCHEMA)
+        self.sent_pending: set[str] = set()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- planning (plan.ConfirmedState) ---------------------------------------------------------
+
+    def lead(self, key: str) -> LeadState | None:
+        row = self.db.execute(
+            "SELECT key, confirmed, confirmed_at, pending, pending_reason, skipped_hash, skipped_code,"
+            " skipped_reason FROM leads WHERE key = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            return None
+        confirmed = {k: (v[0], v[1]) for k, v in orjson.loads(row[1]).items()} if row[1] else {}
+        pending = orjson.loads(row[3]) if row[3] else None
+        return LeadState(row[0], confirmed, row[2], pending, row[4], row[5], row[6], row[7])
+
+    def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None:
+        lead = self.lead(key)
+        return lead.confirmed if lead else None
+
+    def pending_keys(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT key FROM leads WHERE pending IS NOT NULL")}
+
+    def pending_payloads(self, keys: set[str]) -> Iterator[tuple[str, dict[str, Any], dict[str, float]]]:
+        for key in sorted(keys):
+            row = self.db.execute("SELECT pending FROM leads WHERE key = ?", (key,)).fetchone()
+            if row and row[0]:
+                rec = orjson.loads(row[0])
+                yield key, rec["payload"], rec.get("stamps") or {}
+
+    # -- outcomes (deliver.OutcomeSink): one transaction per batch ------------------------------
+
+    def batch_done(self, outcomes: list[LeadOutcome]) -> None:
+        now = time.time()
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for o in outcomes:
+                fields = {k: v for k, v in o.payload.items() if k in o.stamps}
+                if o.delivered:
+                    existing = db.execute("SELECT confirmed FROM leads WHERE key = ?", (o.key,)).fetchone()
+                    confirmed = orjson.loads(existing[0]) if existing and existing[0] else {}
+                    for name, value in fields.items():
+                        confirmed[name] = [value, o.stamps[name]]
+                    values = {k: v[0] for k, v in confirmed.items()}
+                    db.execute(
+                        "INSERT INTO leads (key, confirmed, confirmed_hash, confirmed_at, updated_at)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET confirmed=excluded.confirmed,"
+                        " confirmed_hash=excluded.confirmed_hash, confirmed_at=excluded.confirmed_at,"
+                        " pending=NULL, pending_reason=NULL, skipped_hash=NULL, skipped_code=NULL,"
+                        " skipped_reason=NULL, updated_at=excluded.updated_at",
+                        (o.key, orjson.dumps(confirmed), payload_hash(values), now, now),
+                    )
+                elif o.retryable:
+                    pending = orjson.dumps({"payload": o.payload, "stamps": o.stamps})
+                    db.execute(
+                        "INSERT INTO leads (key, pending, pending_reason, updated_at) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT(key) DO UPDATE SET pending=excluded.pending,"
+                        " pending_reason=excluded.pending_reason, updated_at=excluded.updated_at",
+                        (o.key, pending, f"{o.code}: {o.reason}", now),
+                    )
+                else:
+                    db.execute(
+                        "INSERT INTO leads (key, skipped_hash, skipped_code, skipped_reason, updated_at)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET pending=NULL,"
+                        " pending_reason=NULL, skipped_hash=excluded.skipped_hash,"
+                        " skipped_code=excluded.skipped_code, skipped_reason=excluded.skipped_reason,"
+                        " updated_at=excluded.updated_at",
+                        (o.key, payload_hash(fields), o.code, o.reason, now),
+                    )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- inputs already synced ------------------------------------------------------------------
+
+    def input_unchanged(self, unit: str, fingerprint: str) -> bool:
+        row = self.db.execute("SELECT fingerprint FROM inputs WHERE unit = ?", (unit,)).fetchone()
+        return row is not None and row[0] == fingerprint
+
+    def remember_inputs(self, units: dict[str, str]) -> None:
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT INTO inputs VALUES (?, ?, ?) ON CONFLICT(unit) DO UPDATE SET"
+                " fingerprint=excluded.fingerprint, synced_at=excluded.synced_at",
+                [(u, f, now) for u, f in units.items()],
+            )
+
+    # -- cached values (the describe of the online schema check) --------------------------------
+
+    def cached(self, name: str, max_age: float) -> Any:
+        row = self.db.execute("SELECT v, at FROM meta WHERE k = ?", (name,)).fetchone()
+        if row is None or time.time() - row[1] > max_age:
+            return None
+        return orjson.loads(row[0])
+
+    def cache(self, name: str, value: Any) -> None:
+        self.db.execute(
+            "INSERT INTO meta VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE SET v=excluded.v, at=excluded.at",
+            (name, orjson.dumps(value), time.time()),
+        )
+
+    # -- inspection (`state show|export`) -----------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        one = self.db.execute(
+            "SELECT COUNT(*), COUNT(confirmed), COUNT(pending), COUNT(skipped_hash) FROM leads"
+        ).fetchone()
+        inputs = self.db.execute("SELECT COUNT(*) FROM inputs").fetchone()[0]
+        return {"leads": one[0], "confirmed": one[1], "pending": one[2], "skipped": one[3], "inputs": inputs}
+
+    def export(self, pending_only: bool = False) -> Iterator[dict[str, Any]]:
+        where = " WHERE pending IS NOT NULL" if pending_only else ""
+        for (key,) in self.db.execute(f"SELECT key FROM leads{where} ORDER BY key").fetchall():
+            lead = self.lead(key)
+            assert lead is not None
+            yield lead_record(lead)
+
+
+def lead_record(lead: LeadState) -> dict[str, Any]:
+    return {
+        "key": lead.key,
+        "confirmed": {k: v[0] for k, v in lead.confirmed.items()},
+        "consent_timestamps": {k: v[1] for k, v in lead.confirmed.items()},
+        "confirmed_at": lead.confirmed_at,
+        "pending": lead.pending["payload"] if lead.pending else None,
+        "pending_reason": lead.pending_reason,
+        "skipped": {"code": lead.skipped_code, "reason": lead.skipped_reason} if lead.skipped_hash else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Input identity: a file, or a whole export partition
+
+
+def file_fingerprint(path: Path) -> str:
+    """Size, mtime and a hash of the first and last 64 KiB: cheap, and catches rewrites."""
+    st = path.stat()
+    h = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(BLOCK))
+        if st.st_size > BLOCK:
+            f.seek(max(BLOCK, st.st_size - BLOCK))
+            h.update(f.read(BLOCK))
+    return h.hexdigest()
+
+
+def input_unit(f: InputFile) -> tuple[str, str] | None:
+    """(unit, fingerprint) of an input: the partition for files inside one. None for stdin."""
+    if f.display == "<stdin>":
+        return None
+    if f.partition:
+        part = Path(f.partition)
+        files = sorted(p for p in part.rglob("*.json.gz") if p.is_file())
+        h = hashlib.sha1()
+        for p in files:
+            h.update(f"{p.relative_to(part)}:{file_fingerprint(p)}\n".encode())
+        return str(part.resolve()), h.hexdigest()
+    return str(f.path.resolve()), file_fingerprint(f.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock: one run per state file
+
+
+class StateLock:
+    """An OS file lock next to the state (`STATE.lock`), holding the owner's pid and start time."""
+
+    def __init__(self, state_path: str | Path):
+        self.path = Path(str(state_path) + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self, wait_seconds: float = 0.0) -> None:
+        deadline = time.monotonic() + wait_seconds
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise FatalError(
+                        f"{self.path}: another run holds the state lock ({holder}); "
+                        "use --wait-lock SECONDS to wait for it"
+                    ) from None
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {started}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> StateLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
