@@ -74,28 +74,53 @@ def event(email: str | None, created_at: str, c: dict, **extra) -> dict:
 def export_lines() -> list[dict]:
     lines = []
     # Hand-picked users whose outcome the README and the end-to-end test explain.
-    lines.append({  # alice: opted in on the 20th after opting out on the 1st; a webhook later flips it
-        "user": user("alice@example.com", "2026-11-20T08:00:00Z", consents(True, False, True, "product_news,events")),
-        "events": [
-            event("alice@example.com", "2026-11-01T09:00:00Z", consents(False, None)),
-            event("alice@example.com", "2026-11-20T08:00:00Z", consents(True, False, True, "product_news,events")),
-        ],
-    })
-    lines.append({  # bob: a pending event (double opt-in not confirmed) does not count
-        "user": user("Bob@Example.com", "2026-11-10T12:00:00Z", consents(False, True)),
-        "events": [
-            event("Bob@Example.com", "2026-11-10T12:00:00Z", consents(False, True)),
-            event("Bob@Example.com", "2026-11-26T12:00:00Z", consents(True, None), status="pending_approval"),
-        ],
-    })
-    lines.append({  # carol: her events carry only newsletter; analytics comes from her status
-        "user": user("carol@example.com", "2026-11-05T07:30:00Z", consents(True, True, None, "offers"), country="DE"),
-        "events": [event("carol@example.com", "2026-11-05T07:30:00Z", consents(True, None, None, "offers"))],
-    })
-    lines.append({  # nobody@: not a lead in Marketo; upsert_mode false -> expected 1004 skip
-        "user": user("nobody@example.com", "2026-11-12T10:00:00Z", consents(True, True)),
-        "events": [event("nobody@example.com", "2026-11-12T10:00:00Z", consents(True, True))],
-    })
+    lines.append(
+        {  # alice: opted in on the 20th after opting out on the 1st; a webhook later flips it
+            "user": user(
+                "alice@example.com",
+                "2026-11-20T08:00:00Z",
+                consents(True, False, True, "product_news,events"),
+            ),
+            "events": [
+                event("alice@example.com", "2026-11-01T09:00:00Z", consents(False, None)),
+                event(
+                    "alice@example.com",
+                    "2026-11-20T08:00:00Z",
+                    consents(True, False, True, "product_news,events"),
+                ),
+            ],
+        }
+    )
+    lines.append(
+        {  # bob: a pending event (double opt-in not confirmed) does not count
+            "user": user("Bob@Example.com", "2026-11-10T12:00:00Z", consents(False, True)),
+            "events": [
+                event("Bob@Example.com", "2026-11-10T12:00:00Z", consents(False, True)),
+                event(
+                    "Bob@Example.com", "2026-11-26T12:00:00Z", consents(True, None), status="pending_approval"
+                ),
+            ],
+        }
+    )
+    lines.append(
+        {  # carol: her events carry only newsletter; analytics comes from her status
+            "user": user(
+                "carol@example.com",
+                "2026-11-05T07:30:00Z",
+                consents(True, True, None, "offers"),
+                country="DE",
+            ),
+            "events": [
+                event("carol@example.com", "2026-11-05T07:30:00Z", consents(True, None, None, "offers"))
+            ],
+        }
+    )
+    lines.append(
+        {  # nobody@: not a lead in Marketo; upsert_mode false -> expected 1004 skip
+            "user": user("nobody@example.com", "2026-11-12T10:00:00Z", consents(True, True)),
+            "events": [event("nobody@example.com", "2026-11-12T10:00:00Z", consents(True, True))],
+        }
+    )
     # Generated users, all existing leads in Marketo.
     for i in range(1, 41):
         email = f"user{i:03d}@example.com"
@@ -104,42 +129,90 @@ def export_lines() -> list[dict]:
         topics = ",".join(sorted(rng.sample(TOPICS, rng.randrange(1, 3)))) if nl else None
         ts = f"2026-11-{t_day:02d}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z"
         c = consents(nl, an, rng.random() < 0.5, topics)
-        lines.append({
-            "user": user(email, ts, c, country=rng.choice(["FR", "DE", "ES", "IT", None])),
-            "events": [event(email, ts, c)],
-        })
+        lines.append(
+            {
+                "user": user(email, ts, c, country=rng.choice(["FR", "DE", "ES", "IT", None])),
+                "events": [event(email, ts, c)],
+            }
+        )
     return lines
 
 
 def webhooks() -> list[dict]:
     return [
-        {"type": "event.created", "parameters": {"entity": event(  # alice opts out after the export
-            "alice@example.com", "2026-11-28T09:00:00Z", consents(False, None))}},
-        {"type": "event.created", "parameters": {"entity": event(  # an anonymous visitor
-            None, "2026-11-28T09:01:00Z", consents(True, True))}},
-        {"type": "event.created", "parameters": {"entity": event(  # a CPRA event must not touch GDPR consent
-            "carol@example.com", "2026-11-28T09:02:00Z", consents(False, False), regulation="cpra")}},
-        {"type": "user.updated", "parameters": {
-            "source": {"id": "evt-src-1", "created_at": "2026-11-28T09:03:00Z"},
-            "old_entity": user("user001@example.com", "2026-11-01T00:00:00Z", consents(False, False)),
-            "new_entity": user("user001@example.com", "2026-11-28T09:03:00Z", consents(True, True, True, "events")),
-        }},
-        {"type": "event.updated", "parameters": {
-            "old_entity": event("user002@example.com", "2026-11-28T09:04:00Z", consents(None, True)),
-            "new_entity": event("user002@example.com", "2026-11-28T09:04:00Z", consents(None, False)),
-        }},
-        {"type": "event.created", "parameters": {"entity": event(  # an old event delivered late: loses
-            "user003@example.com", "2026-10-01T00:00:00Z", consents(False, False))}},
-        {"type": "user.deleted", "parameters": {"entity": {"id": "didomi-user-x", "organization_user_id": "user004@example.com"}}},
-        {"type": "event.created", "parameters": {"entity": event(  # a new user: not in Marketo yet
-            "zoe@example.com", "2026-11-28T09:05:00Z", consents(True, None, True, "offers"))}},
+        {
+            "type": "event.created",
+            "parameters": {
+                "entity": event(  # alice opts out after the export
+                    "alice@example.com", "2026-11-28T09:00:00Z", consents(False, None)
+                )
+            },
+        },
+        {
+            "type": "event.created",
+            "parameters": {
+                "entity": event(  # an anonymous visitor
+                    None, "2026-11-28T09:01:00Z", consents(True, True)
+                )
+            },
+        },
+        {
+            "type": "event.created",
+            "parameters": {
+                "entity": event(  # a CPRA event must not touch GDPR consent
+                    "carol@example.com", "2026-11-28T09:02:00Z", consents(False, False), regulation="cpra"
+                )
+            },
+        },
+        {
+            "type": "user.updated",
+            "parameters": {
+                "source": {"id": "evt-src-1", "created_at": "2026-11-28T09:03:00Z"},
+                "old_entity": user("user001@example.com", "2026-11-01T00:00:00Z", consents(False, False)),
+                "new_entity": user(
+                    "user001@example.com", "2026-11-28T09:03:00Z", consents(True, True, True, "events")
+                ),
+            },
+        },
+        {
+            "type": "event.updated",
+            "parameters": {
+                "old_entity": event("user002@example.com", "2026-11-28T09:04:00Z", consents(None, True)),
+                "new_entity": event("user002@example.com", "2026-11-28T09:04:00Z", consents(None, False)),
+            },
+        },
+        {
+            "type": "event.created",
+            "parameters": {
+                "entity": event(  # an old event delivered late: loses
+                    "user003@example.com", "2026-10-01T00:00:00Z", consents(False, False)
+                )
+            },
+        },
+        {
+            "type": "user.deleted",
+            "parameters": {"entity": {"id": "didomi-user-x", "organization_user_id": "user004@example.com"}},
+        },
+        {
+            "type": "event.created",
+            "parameters": {
+                "entity": event(  # a new user: not in Marketo yet
+                    "zoe@example.com", "2026-11-28T09:05:00Z", consents(True, None, True, "offers")
+                )
+            },
+        },
     ]
 
 
 def api_page() -> dict:
     return {
         "data": [
-            user("dave@example.com", "2026-11-21T15:00:00Z", consents(True, False, False, "product_news"), country="ES"),
+            user(
+                "dave@example.com",
+                "2026-11-21T15:00:00Z",
+                consents(True, False, False, "product_news"),
+                country="ES",
+            ),
             user("erin@example.com", "2026-11-22T16:00:00Z", consents(False, True), country="IT"),
         ],
         "limit": 100,
@@ -151,16 +224,30 @@ BAD_LINES = [
     '{"user": {"organization_user_id": "broken@example.com", "consents": {"purposes": [',
     '{"hello": "world"}',
     json.dumps(event("not-an-email", "2026-11-28T10:00:00Z", consents(True, None))),
-    json.dumps({k: v for k, v in event("frank@example.com", "", consents(True, None)).items() if k != "created_at"}),
+    json.dumps(
+        {k: v for k, v in event("frank@example.com", "", consents(True, None)).items() if k != "created_at"}
+    ),
     json.dumps(event("frank@example.com", "2026-11-28T10:05:00Z", consents(True, True))),
 ]
 
 
 def leads() -> list[dict]:
-    emails = ["alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com", "erin@example.com", "frank@example.com"]
+    emails = [
+        "alice@example.com",
+        "bob@example.com",
+        "carol@example.com",
+        "dave@example.com",
+        "erin@example.com",
+        "frank@example.com",
+    ]
     emails += [f"user{i:03d}@example.com" for i in range(1, 41)]
     return [
-        {"email": e, "firstName": e.split("@")[0].capitalize(), "lastName": "Sample", "didomiNewsletterOptIn": False}
+        {
+            "email": e,
+            "firstName": e.split("@")[0].capitalize(),
+            "lastName": "Sample",
+            "didomiNewsletterOptIn": False,
+        }
         for e in emails
     ]
 

@@ -165,7 +165,9 @@ def test_max_calls_budget_stops_and_leaves_the_rest_retryable(sandbox_factory, t
     sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 50)))
     events_file(tmp_path, 50)
     config = make_config(tmp_path, sb, delivery={"batch_size": 10, "max_concurrency": 1})
-    res = cli("sync", tmp_path / "events.ndjson", "-c", config, "--max-calls", 2, "--report", tmp_path / "r", "-q")
+    res = cli(
+        "sync", tmp_path / "events.ndjson", "-c", config, "--max-calls", 2, "--report", tmp_path / "r", "-q"
+    )
     assert res.exit_code == 3 and "--max-calls" in res.stderr
     assert sb.stats()["sync_calls"] == 2
     assert len(undelivered(tmp_path / "r")) == 30

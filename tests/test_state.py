@@ -88,11 +88,15 @@ def test_mapping_change_resends_only_the_affected_fields_leads(sandbox_factory, 
 
 def test_older_file_read_after_a_newer_one_changes_nothing(sandbox_factory, tmp_path, cli):
     sb = seed(tmp_path, sandbox_factory)
-    write_ndjson(tmp_path / "in" / "newer.ndjson", [event(EMAILS[0], "2026-11-28T00:00:00Z", {"newsletter": False})])
+    write_ndjson(
+        tmp_path / "in" / "newer.ndjson", [event(EMAILS[0], "2026-11-28T00:00:00Z", {"newsletter": False})]
+    )
     config = make_config(tmp_path, sb)
     assert sync(cli, tmp_path, config).exit_code == 0
     (tmp_path / "in" / "newer.ndjson").unlink()
-    write_ndjson(tmp_path / "in" / "older.ndjson", [event(EMAILS[0], "2026-10-01T00:00:00Z", {"newsletter": True})])
+    write_ndjson(
+        tmp_path / "in" / "older.ndjson", [event(EMAILS[0], "2026-10-01T00:00:00Z", {"newsletter": True})]
+    )
     assert sync(cli, tmp_path, config, "--report", tmp_path / "r").exit_code == 0
     assert sb.lead_by_email(EMAILS[0])["didomiNewsletterOptIn"] is False
     assert sb.stats()["sync_calls"] == 1
@@ -118,13 +122,19 @@ def test_pending_leads_are_resent_by_the_next_sync(sandbox_factory, tmp_path, cl
 
 def test_permanent_skip_is_not_retried_until_values_change(sandbox_factory, tmp_path, cli):
     sb = seed(tmp_path, sandbox_factory)
-    write_ndjson(tmp_path / "in" / "a.ndjson", [event("stranger@example.com", "2026-11-01T00:00:00Z", {"newsletter": True})])
+    write_ndjson(
+        tmp_path / "in" / "a.ndjson",
+        [event("stranger@example.com", "2026-11-01T00:00:00Z", {"newsletter": True})],
+    )
     config = make_config(tmp_path, sb)
     assert sync(cli, tmp_path, config).exit_code == 0  # 1004: an expected skip
     os.utime(tmp_path / "in" / "a.ndjson", (time.time() + 5, time.time() + 5))
     assert sync(cli, tmp_path, config).exit_code == 0
     assert sb.stats()["sync_calls"] == 1  # same values: not sent again
-    write_ndjson(tmp_path / "in" / "b.ndjson", [event("stranger@example.com", "2026-11-05T00:00:00Z", {"newsletter": False})])
+    write_ndjson(
+        tmp_path / "in" / "b.ndjson",
+        [event("stranger@example.com", "2026-11-05T00:00:00Z", {"newsletter": False})],
+    )
     assert sync(cli, tmp_path, config).exit_code == 0
     assert sb.stats()["sync_calls"] == 2  # values changed: tried again
     assert sync(cli, tmp_path, config, "--upsert").exit_code == 0  # upsert now creates it

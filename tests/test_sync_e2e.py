@@ -116,8 +116,12 @@ def test_clean_input_exits_zero_and_pending_or_anonymous_alone_do_not_fail(sandb
 
 
 def test_unexpected_skip_exits_one(sandbox, tmp_path, cli):
-    data = write_ndjson(tmp_path / "in.ndjson", [event("a@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})])
-    config = make_config(tmp_path, sandbox, mappings=[{"id": "noSuchField", "value": "consents_purposes_newsletter_enabled"}])
+    data = write_ndjson(
+        tmp_path / "in.ndjson", [event("a@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})]
+    )
+    config = make_config(
+        tmp_path, sandbox, mappings=[{"id": "noSuchField", "value": "consents_purposes_newsletter_enabled"}]
+    )
     result = cli("sync", data, "-c", config, "--upsert", "--report", tmp_path / "r", "-q")
     assert result.exit_code == 1
     (u,) = [json.loads(x) for x in (tmp_path / "r" / "undelivered.ndjson").read_text().splitlines()]
@@ -146,7 +150,9 @@ def test_stdin_gzip_input(sandbox_factory, tmp_path, cli):
     import gzip
 
     sb = sandbox_factory(leads_file=str(SAMPLES / "leads.json"))
-    body = gzip.compress(json.dumps(event("alice@example.com", "2030-01-01T00:00:00Z", {"newsletter": True})).encode())
+    body = gzip.compress(
+        json.dumps(event("alice@example.com", "2030-01-01T00:00:00Z", {"newsletter": True})).encode()
+    )
     result = cli("sync", "-", "-c", make_config(tmp_path, sb), "-q", input=body)
     assert result.exit_code == 0, result.output
     assert sb.lead_by_email("alice@example.com")["didomiNewsletterOptIn"] is True
@@ -169,7 +175,9 @@ def test_incomplete_partition_is_refused_unless_allowed(sandbox_factory, tmp_pat
 
 
 def test_bad_credentials_exit_three_without_leaking_the_secret(sandbox, tmp_path):
-    data = write_ndjson(tmp_path / "in.ndjson", [event("a@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})])
+    data = write_ndjson(
+        tmp_path / "in.ndjson", [event("a@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})]
+    )
     config = make_config(tmp_path, sandbox, authentication={
         "client_id": "sandbox-client", "client_secret": "wrong-SECRET-value-123",
         "instance": sandbox.base_url + "/rest"})  # fmt: skip
@@ -180,7 +188,9 @@ def test_bad_credentials_exit_three_without_leaking_the_secret(sandbox, tmp_path
 
 
 def test_unreachable_instance_exits_three(tmp_path):
-    data = write_ndjson(tmp_path / "in.ndjson", [event("a@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})])
+    data = write_ndjson(
+        tmp_path / "in.ndjson", [event("a@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})]
+    )
     config = make_config(tmp_path, None, authentication={
         "client_id": "id", "client_secret": "s3cr3t-zzz", "instance": "http://127.0.0.1:9/rest"})  # fmt: skip
     proc = run_subprocess("sync", data, "-c", config)
@@ -192,7 +202,9 @@ def test_unreachable_instance_exits_three(tmp_path):
 def test_secrets_never_reach_output_or_report(sandbox_factory, tmp_path):
     sb = sandbox_factory(leads_file=str(SAMPLES / "leads.json"), token_ttl=1)
     config = sample_config(tmp_path, sb)
-    proc = run_subprocess("sync", SAMPLES / "didomi", "-c", config, "--verbose", "--report", tmp_path / "r", env=ENV)
+    proc = run_subprocess(
+        "sync", SAMPLES / "didomi", "-c", config, "--verbose", "--report", tmp_path / "r", env=ENV
+    )
     assert proc.returncode == 1
     everything = proc.stdout + proc.stderr + "".join(p.read_text() for p in (tmp_path / "r").iterdir())
     assert "sandbox-secret" not in everything

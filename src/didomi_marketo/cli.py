@@ -195,9 +195,15 @@ def sync(
     rep = _report(report, verbose, log)
     log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())
     with _Progress(not quiet and log.is_text) as progress:
-        result = run_sync(cfg, options, rep, credentials=credentials, on_progress=log.progress(progress.update))
+        result = run_sync(
+            cfg, options, rep, credentials=credentials, on_progress=log.progress(progress.update)
+        )
     if rep.unshown and not verbose:
-        err.print(f"... and {rep.unshown} more rejected records" + (f" (see {report}/rejected.ndjson)" if report else " (use --report DIR to list them all)"), markup=False)
+        err.print(
+            f"... and {rep.unshown} more rejected records"
+            + (f" (see {report}/rejected.ndjson)" if report else " (use --report DIR to list them all)"),
+            markup=False,
+        )
     log.event("end", summary=result.summary)
     _finish(result, quiet)
 
@@ -207,9 +213,7 @@ def sync(
 def retry(
     report_dir: Annotated[Path, typer.Argument(help="The --report DIR of an earlier run.")],
     config: ConfigOpt,
-    report: Annotated[
-        Path | None, typer.Option("--report", help="Write the new report here.")
-    ] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the new report here.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be re-sent.")] = False,
     max_calls: Annotated[int | None, typer.Option("--max-calls", min=1)] = None,
     max_calls_per_20s: Annotated[int | None, typer.Option("--max-calls-per-20s", min=1, max=100)] = None,

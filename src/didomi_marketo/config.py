@@ -255,7 +255,8 @@ def _node_lines(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
 
 class _Problems:
     def __init__(self, path: str, lines: dict[tuple, int]):
-        self.path, self.lines, self.items = path, lines, []
+        self.path, self.lines = path, lines
+        self.items: list[str] = []
 
     def where(self, loc: tuple) -> str:
         probe = loc
@@ -411,7 +412,9 @@ def _mappings(raw: Any, p: _Problems, identifier: str) -> list[FieldMapping]:
         source = None
         value = m.get("value")
         if value is None and not has_const:
-            p.add((*loc, "value"), "is required (a Didomi property, e.g. consents_purposes_newsletter_enabled)")
+            p.add(
+                (*loc, "value"), "is required (a Didomi property, e.g. consents_purposes_newsletter_enabled)"
+            )
         elif value is not None:
             if not isinstance(value, str):
                 p.add((*loc, "value"), "must be a string")

@@ -128,7 +128,9 @@ class Engine:
         self.settings = settings
         self.sink = sink
         self.clock = clock or client.clock or RealClock()
-        self.limiter = Limiter(settings.max_calls_per_20s, window_seconds, settings.max_concurrency, self.clock)
+        self.limiter = Limiter(
+            settings.max_calls_per_20s, window_seconds, settings.max_concurrency, self.clock
+        )
         self.policy = RetryPolicy(
             self.clock, min_attempts=settings.retry_min_attempts, min_seconds=settings.retry_min_seconds
         )
@@ -138,7 +140,9 @@ class Engine:
     # -- the run ------------------------------------------------------------------------------
 
     async def run(self, updates: Iterable[LeadUpdate]) -> DeliveryStats:
-        queue: asyncio.Queue[list[LeadUpdate] | None] = asyncio.Queue(maxsize=self.settings.max_concurrency * 2)
+        queue: asyncio.Queue[list[LeadUpdate] | None] = asyncio.Queue(
+            maxsize=self.settings.max_concurrency * 2
+        )
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.settings.max_concurrency)]
         try:
             for batch in batches(updates, self.settings.batch_size):
@@ -194,7 +198,10 @@ class Engine:
                 why = f"Marketo refused the call: {e} ({describe(e.code)})"
                 self.stop(why, fatal=why)
             elif action is Action.SPLIT:
-                self._finish(batch, self._undelivered(batch, e.code, "lead payload alone is over 1 MB", retryable=False))
+                self._finish(
+                    batch,
+                    self._undelivered(batch, e.code, "lead payload alone is over 1 MB", retryable=False),
+                )
                 return
             self._finish(batch, self._undelivered(batch, e.code, str(e)))
         else:
@@ -242,10 +249,14 @@ class Engine:
         for u, r in zip(batch, results, strict=True):
             status = r.get("status") if isinstance(r, dict) else None
             if status in ("created", "updated"):
-                out.append(LeadOutcome(u.key, u.payload, u.source, status, lead_id=r.get("id"), stamps=u.stamps))
+                out.append(
+                    LeadOutcome(u.key, u.payload, u.source, status, lead_id=r.get("id"), stamps=u.stamps)
+                )
                 continue
             reasons = r.get("reasons") if isinstance(r, dict) else None
-            first = reasons[0] if isinstance(reasons, list) and reasons and isinstance(reasons[0], dict) else {}
+            first = (
+                reasons[0] if isinstance(reasons, list) and reasons and isinstance(reasons[0], dict) else {}
+            )
             code = str(first.get("code", "unknown"))
             message = str(first.get("message", "")) or describe(code)
             if status == "skipped":
@@ -268,7 +279,9 @@ class Engine:
         self, batch: list[LeadUpdate], code: str, reason: str, retryable: bool = True
     ) -> list[LeadOutcome]:
         return [
-            LeadOutcome(u.key, u.payload, u.source, "failed", code, reason, retryable=retryable, stamps=u.stamps)
+            LeadOutcome(
+                u.key, u.payload, u.source, "failed", code, reason, retryable=retryable, stamps=u.stamps
+            )
             for u in batch
         ]
 

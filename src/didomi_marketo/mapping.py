@@ -103,7 +103,6 @@ class Property:
                 return None
         return None
 
-
     def compile(self) -> Callable[[dict | None, dict, dict], Any]:
         """`extract` specialised for this property: the fold's hot path (millions of calls).
 
@@ -192,9 +191,7 @@ def _purpose_readings(rest: str) -> list[Reading]:
             while (k := after.find("_channel_", j)) > 0:
                 channel = after[k + len("_channel_") :]
                 if channel:
-                    readings.append(
-                        Reading("purpose_channel", body[:i], after[:k], channel)
-                    )
+                    readings.append(Reading("purpose_channel", body[:i], after[:k], channel))
                 j = k + 1
             start = i + 1
         readings.append(Reading("purpose_enabled", purpose=body))
@@ -227,7 +224,7 @@ def _unknown_property_message(name: str) -> str:
         ("purposes_", PURPOSES),
     ):
         if name.startswith(wrong):
-            hint = f" (did you mean '{right}{name[len(wrong):]}'?)"
+            hint = f" (did you mean '{right}{name[len(wrong) :]}'?)"
             break
     if not hint and name.startswith(PURPOSES):
         hint = " (a purpose property ends in _enabled, _enabled_li, or has _values_<pref>)"

@@ -88,7 +88,12 @@ class Planner:
         for m in mappings:
             self.stats.fields[m.field] = Counter()
         self._sources = [
-            (m, None if m.source is None else (LATEST if m.source.name == "updated_at" else schema.slots[m.source.name]))
+            (
+                m,
+                None
+                if m.source is None
+                else (LATEST if m.source.name == "updated_at" else schema.slots[m.source.name]),
+            )
             for m in mappings
         ]
 

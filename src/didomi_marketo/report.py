@@ -71,7 +71,9 @@ class Report:
     def batch_done(self, outcomes: list[LeadOutcome]) -> None:
         for o in outcomes:
             if o.delivered:
-                self._write("delivered", {"key": o.key, "status": o.status, "id": o.lead_id, "source": o.source})
+                self._write(
+                    "delivered", {"key": o.key, "status": o.status, "id": o.lead_id, "source": o.source}
+                )
             else:
                 self._write("undelivered", outcome_record(o))
         for f in self._files.values():

@@ -101,7 +101,7 @@ def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: Input
                 continue
             value, line = rec
             for ob in observations(value, line):
-                if type(ob) is Observation:
+                if isinstance(ob, Observation):
                     add(ob, path)
                 else:
                     reject(ob.category, path, ob.line, ob.reason, ob.key)
@@ -125,7 +125,8 @@ class _Tee:
     """Passes lead updates through while keeping a few samples and writing `--output`."""
 
     def __init__(self, updates: Iterable[LeadUpdate], output: IO[bytes] | None):
-        self.updates, self.output, self.samples = updates, output, []
+        self.updates, self.output = updates, output
+        self.samples: list[dict[str, Any]] = []
 
     def __iter__(self) -> Iterator[LeadUpdate]:
         for u in self.updates:
@@ -175,8 +176,18 @@ def run_sync(
                     assert credentials is not None
                     all_sinks = [*(sinks or []), *([store] if store is not None else [])]
                     delivery = asyncio.run(
-                        _deliver(config, credentials, options, tee, report, all_sinks, clock,
-                                 on_progress, folded, warnings)  # fmt: skip
+                        _deliver(
+                            config,
+                            credentials,
+                            options,
+                            tee,
+                            report,
+                            all_sinks,
+                            clock,
+                            on_progress,
+                            folded,
+                            warnings,
+                        )  # fmt: skip
                     )
                     if inputs is not None:
                         # Every lead of these inputs is now confirmed, skipped or pending in the
@@ -431,7 +442,13 @@ def run_retry(
     warnings: list[str] = []
     delivery = None
     with _open_state(options) as store:
-        planner = Planner(config.mappings, FoldSchema.from_mappings(config.mappings), config.lookup_field, store, config.action)
+        planner = Planner(
+            config.mappings,
+            FoldSchema.from_mappings(config.mappings),
+            config.lookup_field,
+            store,
+            config.action,
+        )
         planner.pending = set()  # retry sends the report's leads, not the state's other pending ones
         tee = _Tee(planner.reconcile(updates), None)
         if dry_run:
@@ -440,8 +457,18 @@ def run_retry(
             assert credentials is not None
             all_sinks = [*(sinks or []), *([store] if store is not None else [])]
             delivery = asyncio.run(
-                _deliver(config, credentials, options, tee, report, all_sinks, clock, on_progress,
-                         len(updates), warnings)  # fmt: skip
+                _deliver(
+                    config,
+                    credentials,
+                    options,
+                    tee,
+                    report,
+                    all_sinks,
+                    clock,
+                    on_progress,
+                    len(updates),
+                    warnings,
+                )  # fmt: skip
             )
     summary: dict[str, Any] = {
         "mode": "retry-dry-run" if dry_run else "retry",
@@ -449,12 +476,18 @@ def run_retry(
         "started_at": _iso(started),
         "finished_at": _iso(time.time()),
         "config": config.identity(),
-        "leads": {"retryable": len(updates), "unchanged": planner.stats.unchanged, "to_send": planner.stats.to_send},
+        "leads": {
+            "retryable": len(updates),
+            "unchanged": planner.stats.unchanged,
+            "to_send": planner.stats.to_send,
+        },
     }
     if delivery is not None:
         summary["delivery"] = delivery_summary(delivery)
-    code = 3 if delivery and delivery.fatal else (
-        1 if delivery and (delivery.failed or delivery.unexpected_skips) else 0
+    code = (
+        3
+        if delivery and delivery.fatal
+        else (1 if delivery and (delivery.failed or delivery.unexpected_skips) else 0)
     )
     summary["exit_code"] = code
     report.finish(summary)

@@ -156,7 +156,9 @@ class Fold:
             stats.events += 1
             if obs.status is not None and obs.status != "confirmed":
                 stats.pending += 1
-                self.on_issue("pending", path, obs.line, f"event status {obs.status!r} is not confirmed", obs.key)
+                self.on_issue(
+                    "pending", path, obs.line, f"event status {obs.status!r} is not confirmed", obs.key
+                )
                 return
         else:
             stats.user_statuses += 1
@@ -167,15 +169,29 @@ class Fold:
             not isinstance(reg, str) or (reg not in self.regulations and reg.lower() not in self.regulations)
         ):
             stats.other_regulation += 1
-            self.on_issue("other_regulation", path, obs.line, f"regulation {reg!r} is not applied (see properties.regulations)", obs.key)
+            self.on_issue(
+                "other_regulation",
+                path,
+                obs.line,
+                f"regulation {reg!r} is not applied (see properties.regulations)",
+                obs.key,
+            )
             return
         if reg is None and "gdpr" not in self.regulations:
             stats.other_regulation += 1
-            self.on_issue("other_regulation", path, obs.line, "regulation (gdpr by default) is not applied", obs.key)
+            self.on_issue(
+                "other_regulation", path, obs.line, "regulation (gdpr by default) is not applied", obs.key
+            )
             return
         if obs.key is None or obs.key == "":
             stats.anonymous += 1
-            self.on_issue("anonymous", path, obs.line, "no organization_user_id (anonymous user): cannot reach a lead", None)
+            self.on_issue(
+                "anonymous",
+                path,
+                obs.line,
+                "no organization_user_id (anonymous user): cannot reach a lead",
+                None,
+            )
             return
         if obs.key == self._last_raw_key and type(obs.key) is type(self._last_raw_key):
             key, why = self._last_key, self._last_why

@@ -110,7 +110,8 @@ def _enclosing_partition(path: Path) -> Path | None:
 
 def _walk(root: Path, allow_incomplete: bool) -> Iterator[InputFile | IncompletePartition]:
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # Hidden folders and `_`-prefixed ones (Spark's `_temporary/`, half-written output) are skipped.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
         here = Path(dirpath)
         if is_partition(here) and here.name != "users":
             continue  # its users/ folder is the partition; we get there next
@@ -201,8 +202,8 @@ def _records(fh: IO[bytes], display: str) -> Iterator[tuple[Any, int] | Problem]
             if _other_lines_parse(text):
                 yield from _ndjson(io.BytesIO(text), display, first_line - 1)
             else:
-                line = first_line + text.count(b"\n", 0, max(0, e.pos))
-                yield Problem(display, line, f"invalid JSON: {e.msg}")
+                bad_line = first_line + text.count(b"\n", 0, max(0, e.pos))
+                yield Problem(display, bad_line, f"invalid JSON: {e.msg}")
             return
         yield from _document(doc, text, first_line, display)
         return

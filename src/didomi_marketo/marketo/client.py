@@ -44,9 +44,7 @@ class GaveUp(Exception):
 
     def __init__(self, last: CallFailed, attempts: int, elapsed: float):
         self.last, self.attempts, self.elapsed = last, attempts, elapsed
-        super().__init__(
-            f"gave up after {attempts} attempts over {elapsed:.0f} s; last error {last}"
-        )
+        super().__init__(f"gave up after {attempts} attempts over {elapsed:.0f} s; last error {last}")
 
 
 @dataclass
@@ -72,9 +70,7 @@ class MarketoClient:
         self._http = httpx.AsyncClient(
             base_url=credentials.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers={"User-Agent": f"didomi-marketo/{__version__}", "Accept-Encoding": "gzip"},
             transport=transport,
             follow_redirects=False,
@@ -186,7 +182,9 @@ class MarketoClient:
         try:
             body = orjson.loads(resp.content)
         except orjson.JSONDecodeError:
-            raise CallFailed("unreadable", f"{path} answered a body that is not JSON", maybe_applied=True) from None
+            raise CallFailed(
+                "unreadable", f"{path} answered a body that is not JSON", maybe_applied=True
+            ) from None
         if not isinstance(body, dict):
             raise CallFailed("unreadable", f"{path} answered JSON that is not an object", maybe_applied=True)
         if body.get("success") is not True:
