@@ -33,8 +33,8 @@ class Limiter:
     def __init__(self, calls: int, window: float, concurrency: int, clock: Clock | None = None):
         self.calls = calls
         self.window = window
-        # Arrival-time jitter on Marketo's side: 1% of the window plus 20 ms (0.22 s of 20 s).
-        self.effective_window = window * 1.01 + 0.02
+        # Arrival-time jitter on Marketo's side: 1% of the window plus 50 ms (0.25 s of 20 s).
+        self.effective_window = window * 1.01 + 0.05
         self.concurrency = concurrency
         self.clock = clock or RealClock()
         self._slots = asyncio.Semaphore(concurrency)
