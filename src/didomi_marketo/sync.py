@@ -168,31 +168,12 @@ def run_sync(
             output = open(options.output, "wb") if options.output else None  # noqa: SIM115
             try:
                 tee = _Tee(planner.plan(fold.leads()), output)
-                if options.dry_run:
-                    for _ in tee:
-                        pass
-                    delivery = None
-                else:
-                    assert credentials is not None
-                    all_sinks = [*(sinks or []), *([store] if store is not None else [])]
-                    delivery = asyncio.run(
-                        _deliver(
-                            config,
-                            credentials,
-                            options,
-                            tee,
-                            report,
-                            all_sinks,
-                            clock,
-                            on_progress,
-                            folded,
-                            warnings,
-                        )  # fmt: skip
-                    )
-                    if inputs is not None:
-                        # Every lead of these inputs is now confirmed, skipped or pending in the
-                        # state: the next sync may skip them while they stay unchanged.
-                        store.remember_inputs(inputs.units)  # type: ignore[union-attr]
+                delivery = _send(config, credentials, options, tee, report, store, sinks, clock,
+                                 on_progress, folded, warnings)  # fmt: skip
+                if delivery is not None and inputs is not None:
+                    # Every lead of these inputs is now confirmed, skipped or pending in the
+                    # state: the next sync may skip them while they stay unchanged.
+                    store.remember_inputs(inputs.units)  # type: ignore[union-attr]
             finally:
                 if output is not None:
                     output.close()
@@ -247,6 +228,23 @@ class _InputFilter:
         if not self._decided[unit]:
             self.unchanged += 1
         return self._decided[unit]
+
+
+def _send(config: Config, credentials: Credentials | None, options: SyncOptions, updates: Iterable[LeadUpdate],
+          report: Report, store: StateStore | None, sinks: list[Any] | None, clock: Clock | None,
+          on_progress: Callable[[str, int, int | None], None] | None, expected: int,
+          warnings: list[str]) -> DeliveryStats | None:  # fmt: skip
+    """Deliver the updates (outcomes to the report, the state and `sinks`), or just drain them."""
+    if options.dry_run:
+        for _ in updates:
+            pass
+        return None
+    assert credentials is not None
+    all_sinks = [*(sinks or []), *([store] if store is not None else [])]
+    return asyncio.run(
+        _deliver(config, credentials, options, updates, report, all_sinks, clock, on_progress,
+                 expected, warnings)  # fmt: skip
+    )
 
 
 async def _check_auth(credentials: Credentials, config: Config) -> None:
@@ -427,7 +425,8 @@ def run_retry(
     """Re-send exactly the retryable leads of an earlier report, with the same engine."""
     from didomi_marketo.report import read_retryable
 
-    options = options or SyncOptions(paths=[], dry_run=dry_run)
+    options = options or SyncOptions(paths=[])
+    options.dry_run = options.dry_run or dry_run
     started = time.time()
     updates = [
         LeadUpdate(r["key"], r["payload"], r.get("source", ""), r.get("stamps") or {})
@@ -451,25 +450,8 @@ def run_retry(
         )
         planner.pending = set()  # retry sends the report's leads, not the state's other pending ones
         tee = _Tee(planner.reconcile(updates), None)
-        if dry_run:
-            list(tee)
-        else:
-            assert credentials is not None
-            all_sinks = [*(sinks or []), *([store] if store is not None else [])]
-            delivery = asyncio.run(
-                _deliver(
-                    config,
-                    credentials,
-                    options,
-                    tee,
-                    report,
-                    all_sinks,
-                    clock,
-                    on_progress,
-                    len(updates),
-                    warnings,
-                )  # fmt: skip
-            )
+        delivery = _send(config, credentials, options, tee, report, store, sinks, clock, on_progress,
+                         len(updates), warnings)  # fmt: skip
     summary: dict[str, Any] = {
         "mode": "retry-dry-run" if dry_run else "retry",
         "from_report": str(report_dir),
