@@ -142,7 +142,7 @@ def test_persistent_outage_gives_up_after_five_minutes_then_retry_finishes(sandb
 
 
 def test_daily_quota_stops_at_once_and_retry_finishes_after_reset(sandbox_factory, tmp_path, cli):
-    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 100)), daily_quota=3)
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 100)), daily_quota=4)  # describe + 3 calls
     events_file(tmp_path, 100)
     config = make_config(tmp_path, sb, delivery={"batch_size": 10, "max_concurrency": 1})
     res = cli("sync", tmp_path / "events.ndjson", "-c", config, "--report", tmp_path / "r", "-q")

@@ -104,7 +104,7 @@ def test_older_file_read_after_a_newer_one_changes_nothing(sandbox_factory, tmp_
 
 
 def test_pending_leads_are_resent_by_the_next_sync(sandbox_factory, tmp_path, cli):
-    sb = seed(tmp_path, sandbox_factory, daily_quota=1)
+    sb = seed(tmp_path, sandbox_factory, daily_quota=2)  # the schema check, then one call
     base_events(tmp_path)
     config = make_config(tmp_path, sb, delivery={"batch_size": 40, "max_concurrency": 1})
     assert sync(cli, tmp_path, config).exit_code == 3  # the quota stops the run after one call

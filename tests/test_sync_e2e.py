@@ -122,10 +122,39 @@ def test_unexpected_skip_exits_one(sandbox, tmp_path, cli):
     config = make_config(
         tmp_path, sandbox, mappings=[{"id": "noSuchField", "value": "consents_purposes_newsletter_enabled"}]
     )
-    result = cli("sync", data, "-c", config, "--upsert", "--report", tmp_path / "r", "-q")
+    result = cli(
+        "sync", data, "-c", config, "--upsert", "--report", tmp_path / "r", "-q", "--skip-schema-check"
+    )
     assert result.exit_code == 1
     (u,) = [json.loads(x) for x in (tmp_path / "r" / "undelivered.ndjson").read_text().splitlines()]
     assert u["code"] == "1006" and not u["expected"] and not u["retryable"]
+
+
+def test_sync_refuses_to_send_to_a_missing_or_read_only_field(sandbox, tmp_path, cli):
+    data = write_ndjson(
+        tmp_path / "in.ndjson", [event("a@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})]
+    )
+    config = make_config(tmp_path, sandbox, mappings=[
+        {"id": "didomiNewsletterOptln", "value": "consents_purposes_newsletter_enabled"},
+        {"id": "didomiReadOnlyFlag", "value": "consents_purposes_newsletter_enabled"},
+    ])  # fmt: skip
+    result = cli("sync", data, "-c", config, "-q")
+    assert result.exit_code == 2
+    assert (
+        "didomiNewsletterOptln" in result.stderr and "didomiNewsletterOptIn" in result.stderr
+    )  # did you mean
+    assert "didomiReadOnlyFlag" in result.stderr and "nothing was sent" in result.stderr
+    assert sandbox.stats()["sync_calls"] == 0
+
+
+def test_schema_is_read_once_a_day_with_a_state(sandbox, tmp_path, cli):
+    data = write_ndjson(
+        tmp_path / "in.ndjson", [event("a@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})]
+    )
+    config = make_config(tmp_path, sandbox)
+    for _ in range(2):
+        assert cli("sync", data, "-c", config, "-q", "--state", tmp_path / "s.db", "--full").exit_code == 0
+    assert sandbox.stats()["describe_calls"] == 1
 
 
 def test_lead_id_identifier_updates_by_id(sandbox_factory, tmp_path, cli):

@@ -177,6 +177,12 @@ def sync(
         bool, typer.Option("--full", help="Ignore the state for this run (send everything), then refresh it.")
     ] = False,
     wait_lock: WaitLockOpt = 0.0,
+    skip_schema_check: Annotated[
+        bool,
+        typer.Option(
+            "--skip-schema-check", help="Send without checking mapped fields against Marketo first."
+        ),
+    ] = False,
     log_format: LogFormatOpt = "text",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -190,7 +196,7 @@ def sync(
     options = SyncOptions(
         paths=paths, dry_run=dry_run, allow_incomplete=allow_incomplete,
         output=str(output) if output else None, rate_window=rate_window, daily_quota=daily_quota,
-        state=state_path, full=full, wait_lock=wait_lock,
+        state=state_path, full=full, wait_lock=wait_lock, check_schema=not skip_schema_check,
     )  # fmt: skip
     rep = _report(report, verbose, log)
     log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())

@@ -121,6 +121,7 @@ class Engine:
         clock: Clock | None = None,
         on_progress: Callable[[int], None] | None = None,
         window_seconds: float = 20.0,
+        earlier_calls: Iterable[float] = (),
     ):
         self.client = client
         self.action = action
@@ -131,6 +132,7 @@ class Engine:
         self.limiter = Limiter(
             settings.max_calls_per_20s, window_seconds, settings.max_concurrency, self.clock
         )
+        self.limiter.seed([*earlier_calls, *client.recent_calls])
         self.policy = RetryPolicy(
             self.clock, min_attempts=settings.retry_min_attempts, min_seconds=settings.retry_min_seconds
         )

@@ -517,6 +517,7 @@ class MarketoSandbox:
                 "identity_calls",
                 "sync_calls",
                 "delete_calls",
+                "describe_calls",
                 "max_in_flight_seen",
                 "rate_limited",
                 "concurrency_limited",
@@ -1157,9 +1158,13 @@ class MarketoSandbox:
     # ---- describe and usage ------------------------------------------------------------------
 
     def _describe_v1(self, call: _Call, dry_run: bool) -> _Resp:
+        with self._lock:
+            self._counters["describe_calls"] += 1
         return self._ok(self._describe)
 
     def _describe_v2(self, call: _Call, dry_run: bool) -> _Resp:
+        with self._lock:
+            self._counters["describe_calls"] += 1
         fields = []
         for f in self._describe:
             if "rest" not in f:

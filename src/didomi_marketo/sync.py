@@ -28,7 +28,7 @@ from didomi_marketo.didomi.readers import (
     sniff_json,
 )
 from didomi_marketo.didomi.records import Observation, observations
-from didomi_marketo.errors import FatalError
+from didomi_marketo.errors import ConfigError, FatalError
 from didomi_marketo.marketo.client import CallFailed, MarketoClient
 from didomi_marketo.marketo.limiter import Clock
 from didomi_marketo.plan import LeadUpdate, Planner, PlanStats, payload_hash
@@ -51,6 +51,8 @@ class SyncOptions:
     state: str | None = None  # the state store (incremental syncs)
     full: bool = False  # ignore the state for this run (and refresh it)
     wait_lock: float = 0.0  # seconds to wait for another run holding the state lock
+    check_schema: bool = True  # refuse to send when a mapped field is missing or read-only
+    earlier_calls: list[float] = field(default_factory=list)  # REST calls before delivery (window)
 
 
 @dataclass
@@ -157,7 +159,9 @@ def run_sync(
             if not options.dry_run:
                 assert credentials is not None
                 # Fail fast on bad credentials before reading gigabytes of input.
-                asyncio.run(_check_auth(credentials, config))
+                options.earlier_calls = asyncio.run(
+                    _preflight(credentials, config, store, options.check_schema, warnings)
+                )
             inputs = _InputFilter(store, options.full, config) if store is not None else None
             read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs)
             if inputs is not None:
@@ -242,17 +246,52 @@ def _send(config: Config, credentials: Credentials | None, options: SyncOptions,
     assert credentials is not None
     all_sinks = [*(sinks or []), *([store] if store is not None else [])]
     return asyncio.run(
-        _deliver(config, credentials, options, updates, report, all_sinks, clock, on_progress,
-                 expected, warnings)  # fmt: skip
+        _deliver(
+            config, credentials, options, updates, report, all_sinks, clock, on_progress, expected, warnings
+        )  # fmt: skip
     )
 
 
-async def _check_auth(credentials: Credentials, config: Config) -> None:
+SCHEMA_CACHE = "marketo_lead_fields"
+SCHEMA_MAX_AGE = 24 * 3600.0  # Adobe: cache describe results for about a day
+
+
+async def _preflight(credentials: Credentials, config: Config, store: StateStore | None,
+                     check_schema: bool, warnings: list[str]) -> list[float]:  # fmt: skip
+    """Before reading any input: the credentials work, and every mapped field exists in Marketo
+    and is writable (instead of collecting thousands of 1006 skips). Raises Fatal/ConfigError.
+    Returns when its REST calls started, for the delivery limiter's window."""
+    from didomi_marketo.workbench import BLOCKING_KINDS, fetch_schema
+    from didomi_marketo.workbench import check_schema as schema_problems
+
     async with MarketoClient(credentials, timeout=config.delivery.timeout, max_connections=1) as client:
         try:
             await client.token()
         except CallFailed as e:
             raise FatalError(f"cannot reach Marketo at {credentials.base_url}: {e.message}") from None
+        calls = client.recent_calls
+        if not check_schema:
+            return list(calls)
+        fields = store.cached(SCHEMA_CACHE, SCHEMA_MAX_AGE) if store is not None else None
+        if fields is None:
+            try:
+                fields = await fetch_schema(client)
+            except FatalError as e:
+                warnings.append(f"schema check skipped: {e}")
+                return list(calls)
+            if store is not None:
+                store.cache(SCHEMA_CACHE, fields)
+    problems = schema_problems(config.mappings, config.lookup_field, fields)
+    # Refuse only what Marketo would skip for every lead (missing or read-only field); a type
+    # doubt is a warning here and a finding of `check`.
+    errors = [p for p in problems if p.kind in BLOCKING_KINDS]
+    warnings.extend(f"{p.where + ': ' if p.where else ''}{p.message}" for p in problems if p not in errors)
+    if errors:
+        raise ConfigError(
+            [f"{p.where + ': ' if p.where else ''}{p.message}" for p in errors]
+            + ["nothing was sent: fix the mapping (see `didomi-marketo check`), or --skip-schema-check"]
+        )
+    return list(calls)
 
 
 class _Fanout:
@@ -293,6 +332,7 @@ async def _deliver(config, credentials, options, updates, report, sinks, clock, 
             clock=clock,
             on_progress=progress,
             window_seconds=options.rate_window,
+            earlier_calls=options.earlier_calls,
         )
         return await engine.run(updates)
 

@@ -14,8 +14,8 @@ import difflib
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from didomi_marketo.config import Config, Credentials
 from didomi_marketo.didomi.fold import NEVER, Fold, FoldSchema
@@ -23,7 +23,7 @@ from didomi_marketo.didomi.records import Observation
 from didomi_marketo.errors import ConfigError, FatalError
 from didomi_marketo.mapping import BOOLEAN, DATETIME, STRING, FieldMapping, Property, Reading, classify_value
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
-from didomi_marketo.plan import ConfirmedState, Planner
+from didomi_marketo.plan import Planner
 from didomi_marketo.report import IGNORED
 from didomi_marketo.sync import DEFAULT_DAILY_QUOTA, InputStats, read_into
 
@@ -36,6 +36,12 @@ DESCRIBE_PATH = "/rest/v1/leads/describe.json"
 
 # =============================================================================================
 # Preview
+
+
+class ConfirmedValues(Protocol):
+    """What Marketo last confirmed per lead: `state.StateStore` or any object with this method."""
+
+    def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,8 @@ class PreviewResult:
     to_send: int = 0  # leads the new config maps at least one field for
     leads_changed: int = 0  # comparing: leads with at least one field sent differently
     kept_newer: int = 0  # --state: fields where Marketo holds a newer consent than the input
+    would_send: int | None = None  # --state with a state store: what the next sync sends
+    pending_resent: int = 0  # ... of which leads left pending by an earlier run
     records: int = 0
     rejected: int = 0
     ignored: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IGNORED, 0))
@@ -88,7 +96,7 @@ class PreviewResult:
     fields: dict[str, Counter] = field(default_factory=dict)  # new config: true/false/other
     changed: dict[str, int] | None = None
     mappings: list[MappingChange] = field(default_factory=list)
-    config_changes: list[str] = field(default_factory=list)
+    config_changes: list[tuple[str, str, str]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -119,11 +127,14 @@ class PreviewResult:
             summary["compared_with"] = self.baseline
             if self.baseline == "state":
                 summary["kept_newer"] = self.kept_newer
+                if self.would_send is not None:
+                    summary["would_send"] = self.would_send
+                    summary["pending_resent"] = self.pending_resent
             else:
                 summary["mappings"] = {
                     m.field: {"status": m.status, "before": m.before, "after": m.after} for m in self.mappings
                 }
-                summary["config_changes"] = list(self.config_changes)
+                summary["config_changes"] = {k: {"before": b, "after": a} for k, b, a in self.config_changes}
         summary["to_send"] = self.to_send
         summary["records"] = self.records
         summary["ignored"] = dict(self.ignored)
@@ -157,7 +168,7 @@ def describe_mapping(m: FieldMapping) -> str:
     parts = [m.source.name] if m.source is not None else []
     for t in m.transforms:
         if t.name == "map":
-            parts.append("map " + ", ".join(f"{k}→{v}" for k, v in (t.table or {}).items()))
+            parts.append("map {" + ", ".join(f"{k}: {v}" for k, v in (t.table or {}).items()) + "}")
         elif t.name == "const":
             parts.append(f"const {t.const!r}")
         else:
@@ -187,15 +198,13 @@ def compare_mappings(old: list[FieldMapping], new: list[FieldMapping]) -> list[M
     return out
 
 
-def compare_configs(old: Config, new: Config) -> list[str]:
-    """Differences outside the mappings that change what a sync does."""
+def compare_configs(old: Config, new: Config) -> list[tuple[str, str, str]]:
+    """(setting, before, after) for the settings outside the mappings that change what a sync does."""
     out = []
     if old.upsert != new.upsert:
-        out.append(f"upsert_mode: {str(old.upsert).lower()} -> {str(new.upsert).lower()}")
+        out.append(("upsert_mode", str(old.upsert).lower(), str(new.upsert).lower()))
     if old.regulations != new.regulations:
-        out.append(
-            f"regulations: {', '.join(sorted(old.regulations))} -> {', '.join(sorted(new.regulations))}"
-        )
+        out.append(("regulations", ", ".join(sorted(old.regulations)), ", ".join(sorted(new.regulations))))
     return out
 
 
@@ -236,7 +245,7 @@ def run_preview(
     paths: list[str],
     *,
     old: Config | None = None,
-    confirmed: ConfirmedState | None = None,
+    confirmed: ConfirmedValues | None = None,
     limit: int = DEFAULT_SAMPLES,
     allow_incomplete: bool = False,
     on_lead: Callable[[LeadDiff], None] | None = None,
@@ -247,7 +256,9 @@ def run_preview(
     With `old`, every lead is also mapped under the old config and compared field by field;
     with `confirmed` (any object with the state store's `confirmed(key)`), the new values are
     compared with what Marketo last confirmed, as the next sync would (a newer confirmed value
-    is kept). `on_lead` sees every lead's diff (for CSV output); samples keep `limit` of them.
+    is kept); when it is a whole state store (`lead()`, `pending_keys()`...), sync's own Planner
+    also counts what the next sync would send (`would_send`, pending re-sends included).
+    `on_lead` sees every lead's diff (for CSV output); samples keep `limit` of them.
     Raises ConfigError when the configs cannot be compared.
     """
     if old is not None and confirmed is not None:
@@ -348,15 +359,26 @@ def run_preview(
         read_into(fold, paths, allow_incomplete, inputs)
         planner = Planner(new.mappings, fold.schema, lookup)
         old_planner = Planner(old.mappings, fold.schema, lookup) if old is not None and together else None
-        for key, state in fold.leads():
-            after, stamps = planner.values(state)
-            if old_planner is not None:
-                before: dict[str, Any] | None = old_planner.values(state)[0]
-            elif old is not None:
-                before = old_values.pop(key, {})
-            else:
-                before = None
-            one_lead(key, after, stamps, before)
+
+        def leads() -> Iterator[tuple[str, list[Any]]]:
+            for key, state in fold.leads():
+                after, stamps = planner.values(state)
+                if old_planner is not None:
+                    before: dict[str, Any] | None = old_planner.values(state)[0]
+                elif old is not None:
+                    before = old_values.pop(key, {})
+                else:
+                    before = None
+                one_lead(key, after, stamps, before)
+                yield key, state
+
+        if confirmed is not None and hasattr(confirmed, "lead") and hasattr(confirmed, "pending_keys"):
+            sync_planner = Planner(new.mappings, fold.schema, lookup, confirmed, action=new.action)  # type: ignore[arg-type]
+            result.would_send = sum(1 for _ in sync_planner.plan(leads()))
+            result.pending_resent = sync_planner.stats.pending_resent
+        else:
+            for _ in leads():
+                pass
     finally:
         fold.close()
     for key, before in old_values.items():  # leads only the old config folds
@@ -407,6 +429,12 @@ class SchemaProblem:
     severity: str  # "error" | "warning"
     message: str
     where: str = ""  # file:line in the config, when known
+    kind: str = ""  # missing | not-rest | read-only | type | length | lookup | config | sample | quota
+
+
+# The problems that make every lead carrying the field fail (1006 / read-only skips): what sync
+# refuses to start with. Type and length errors fail per value; lookup errors fail every lead.
+BLOCKING_KINDS = frozenset({"missing", "not-rest", "read-only"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +460,7 @@ def check_config(config: Config) -> list[SchemaProblem]:
     for m in config.mappings:
 
         def add(severity: str, message: str, m: FieldMapping = m) -> None:
-            problems.append(SchemaProblem(m.field, severity, message, m.where))
+            problems.append(SchemaProblem(m.field, severity, message, m.where, "config"))
 
         if m.field == "id":
             add(
@@ -541,7 +569,7 @@ def check_sample(config: Config, paths: list[str], allow_incomplete: bool = Fals
         fold.close()
     problems: list[SchemaProblem] = []
     if inputs.records == 0:
-        return [SchemaProblem("", WARNING, f"the sample ({', '.join(paths)}) has no records")]
+        return [SchemaProblem("", WARNING, f"the sample ({', '.join(paths)}) has no records", kind="sample")]
     if tally.result.rejected:
         problems.append(
             SchemaProblem(
@@ -549,6 +577,7 @@ def check_sample(config: Config, paths: list[str], allow_incomplete: bool = Fals
                 WARNING,
                 f"{tally.result.rejected} record(s) of the sample were rejected "
                 f"(e.g. {tally.result.rejections[0].source}: {tally.result.rejections[0].reason})",
+                kind="sample",
             )
         )
     for m in config.mappings:
@@ -560,7 +589,7 @@ def check_sample(config: Config, paths: list[str], allow_incomplete: bool = Fals
                 f"{m.source.name}: its ids appear in the sample, but no lead of the "
                 f"{leads} folded gets a value for it"
             )
-        problems.append(SchemaProblem(m.field, WARNING, message, m.where))
+        problems.append(SchemaProblem(m.field, WARNING, message, m.where, "sample"))
     return problems
 
 
@@ -742,27 +771,33 @@ def schema_report(
         produces = m.output_type
         found: list[SchemaProblem] = []
 
-        def add(severity: str, message: str, m: FieldMapping = m, found: list = found) -> None:
-            found.append(SchemaProblem(m.field, severity, message, m.where))
+        def add(kind: str, severity: str, message: str, m: FieldMapping = m, found: list = found) -> None:
+            found.append(SchemaProblem(m.field, severity, message, m.where, kind))
 
         f = by_name.get(m.field)
         if f is None:
-            add(ERROR, f"'{m.field}' is not a Marketo lead field{_suggest(m.field, fields)}")
+            add("missing", ERROR, f"'{m.field}' is not a Marketo lead field{_suggest(m.field, fields)}")
         elif not f["rest"]:
-            add(
-                ERROR, f"'{m.field}' is not available through the REST API (describe has no rest name for it)"
-            )
+            add("not-rest", ERROR, f"'{m.field}' is not available through the REST API (no rest name)")
         else:
             if not f["writable"]:
-                add(ERROR, f"'{m.field}' is read-only in Marketo: every lead carrying it would be skipped")
+                add(
+                    "read-only",
+                    ERROR,
+                    f"'{m.field}' is read-only in Marketo: every lead carrying it would be skipped",
+                )
             verdict, message = _fit(m, produces, f["dataType"])
             if verdict != "ok":
-                add(verdict, f"'{m.field}' {message}")
+                add("type", verdict, f"'{m.field}' {message}")
             length = f.get("length")
             if isinstance(length, int) and f["dataType"] in TEXT_TYPES | {"email", "url", "phone"}:
                 long = [v for v in _literal_values(m) if len(v) > length]
                 if long:
-                    add(ERROR, f"'{m.field}' holds at most {length} characters; {long[0]!r} is longer")
+                    add(
+                        "length",
+                        ERROR,
+                        f"'{m.field}' holds at most {length} characters; {long[0]!r} is longer",
+                    )
         verdict = ERROR if any(p.severity == ERROR for p in found) else (WARNING if found else "ok")
         rows.append(
             FieldCheck(
@@ -801,11 +836,16 @@ def _check_lookup(
                 lookup,
                 ERROR,
                 f"lookup field '{lookup}' is not a Marketo REST lead field; no lead could be found",
+                kind="lookup",
             )
         )
     else:
         if lookup == "email" and f["dataType"] != "email":
-            found.append(SchemaProblem(lookup, ERROR, f"lookup field 'email' is {f['dataType']}, not email"))
+            found.append(
+                SchemaProblem(
+                    lookup, ERROR, f"lookup field 'email' is {f['dataType']}, not email", kind="lookup"
+                )
+            )
         if f.get("searchable") is False:
             found.append(
                 SchemaProblem(
@@ -813,6 +853,7 @@ def _check_lookup(
                     WARNING,
                     f"lookup field '{lookup}' is not among describe2's "
                     "searchable fields; Marketo may refuse it as lookupField",
+                    kind="lookup",
                 )
             )
     verdict = ERROR if any(p.severity == ERROR for p in found) else (WARNING if found else "ok")
@@ -833,8 +874,12 @@ def _suggest(name: str, fields: list[dict[str, Any]]) -> str:
     if wanted in candidates:
         exact = candidates[wanted]
         return f"; did you mean '{exact}'? (REST names are case-sensitive; display names are not REST names)"
+    scored = sorted(((difflib.SequenceMatcher(None, wanted, c).ratio(), c) for c in candidates), reverse=True)
     close: list[str] = []
-    for c in difflib.get_close_matches(wanted, list(candidates), n=6, cutoff=0.6):
+    for ratio, c in scored:
+        # The best match, and the ones nearly as good: a typo rarely has three equal readings.
+        if ratio < 0.6 or ratio < scored[0][0] - 0.05:
+            break
         if candidates[c] not in close:
             close.append(candidates[c])
     if not close:
@@ -896,7 +941,13 @@ class CheckReport:
                 for r in self.rows
             ],
             "problems": [
-                {"field": p.field, "severity": p.severity, "message": p.message, "where": p.where}
+                {
+                    "field": p.field,
+                    "severity": p.severity,
+                    "message": p.message,
+                    "where": p.where,
+                    "kind": p.kind,
+                }
                 for p in self.problems
             ],
             "usage": None
@@ -946,7 +997,8 @@ def run_check(
     if sample:
         report.problems += check_sample(config, sample, allow_incomplete)
     if credentials is None:
-        report.rows = [FieldCheck(m.field, describe_mapping(m), m.output_type) for m in config.mappings]
+        rows = [FieldCheck(m.field, describe_mapping(m), m.output_type) for m in config.mappings]
+        report.rows = _with_verdicts(rows, report.problems)
         return report
     fields, source, used, usage_note = asyncio.run(_online(credentials, config.delivery.timeout))
     report.online, report.schema_source, report.instance = True, source, credentials.base_url
@@ -962,17 +1014,31 @@ def run_check(
                     ERROR,
                     f"today's API quota is spent ({used} of {daily_quota} "
                     "calls): a sync now would stop at once",
+                    kind="quota",
                 )
             )
         elif report.usage.remaining < daily_quota // 10:
             report.problems.append(
                 SchemaProblem(
-                    "", WARNING, f"only {report.usage.remaining} of today's {daily_quota} API calls are left"
+                    "",
+                    WARNING,
+                    f"only {report.usage.remaining} of today's {daily_quota} API calls are left",
+                    kind="quota",
                 )
             )
     if usage_note:
         report.notes.append(usage_note)
+    report.rows = _with_verdicts(report.rows, report.problems)
     return report
+
+
+def _with_verdicts(rows: list[FieldCheck], problems: list[SchemaProblem]) -> list[FieldCheck]:
+    """Each row's verdict: the worst finding about its field, offline or online."""
+    worst: dict[str, str] = {}
+    for p in problems:
+        if p.severity == ERROR or worst.get(p.field) != ERROR:
+            worst[p.field] = p.severity
+    return [replace(r, verdict=worst.get(r.field, "ok")) for r in rows]
 
 
 async def _online(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -77,6 +78,9 @@ class MarketoClient:
         )
         self._token: Token | None = None
         self._token_lock = asyncio.Lock()
+        # When each recent REST call started: Marketo counts describe and usage calls in the
+        # same rate window as syncs, so the delivery limiter starts from these.
+        self.recent_calls: deque[float] = deque(maxlen=100)
         self.tokens_fetched = 0
         self._tokens_are_tiny = False
         self.reauths = 0
@@ -167,6 +171,7 @@ class MarketoClient:
             content = orjson.dumps(json)
         if content is not None:
             headers["Content-Type"] = "application/json"
+        self.recent_calls.append(self.clock.now())
         try:
             resp = await self._http.request(method, path, params=params, content=content, headers=headers)
         except httpx.TimeoutException as e:

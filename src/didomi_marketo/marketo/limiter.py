@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -43,6 +43,10 @@ class Limiter:
         self.in_flight = 0
         self.max_in_flight = 0
         self.waited = 0.0  # seconds spent waiting for the window
+
+    def seed(self, started: Iterable[float]) -> None:
+        """Count calls made outside this limiter (the schema check, the usage read) in the window."""
+        self._started.extend(sorted(started))
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
