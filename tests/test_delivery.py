@@ -248,3 +248,40 @@ def test_limiter_never_exceeds_window_or_concurrency():
     starts.sort()
     for i in range(len(starts) - 10):
         assert starts[i + 10] - starts[i] >= 2.0  # never 11 calls within one window
+
+
+def test_warns_before_a_run_that_would_not_fit_in_todays_quota(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 600)), daily_quota=40)
+    events_file(tmp_path, 600)
+    config = make_config(tmp_path, sb, delivery={"batch_size": 10, "max_concurrency": 2})
+    res = cli("sync", tmp_path / "events.ndjson", "-c", config, "-q", "--daily-quota", 40)
+    # 2 used: the schema check's describe and the usage read itself count in the quota.
+    assert "needs about 60 calls but only 38 of the daily quota (40) are left today (2 used)" in res.stderr
+    assert res.stderr.index("warning:") < res.stderr.index("error:")  # said before the run
+    assert res.exit_code == 3  # and it does stop at the quota
+
+
+def test_retry_with_state_never_rolls_back_a_newer_sync(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 20)))
+    events_file(tmp_path, 20)  # newsletter true, Nov 1
+    config = make_config(tmp_path, sb, delivery={"batch_size": 10, "max_concurrency": 1})
+    state = tmp_path / "state.db"
+    sb.inject("code:607", times=1)  # the first call hits the quota: everything stays pending
+    res = cli(
+        "sync", tmp_path / "events.ndjson", "-c", config, "--state", state, "--report", tmp_path / "r", "-q"
+    )
+    assert res.exit_code == 3 and len(undelivered(tmp_path / "r")) == 20
+    # A newer sync (Nov 2: u0..u4 opt out) delivers before anyone runs `retry`.
+    newer = write_ndjson(tmp_path / "newer" / "e.ndjson", [
+        event(f"u{i}@example.com", "2026-11-02T00:00:00Z", {"newsletter": False}) for i in range(5)
+    ])  # fmt: skip
+    assert cli("sync", newer, "-c", config, "--state", state, "-q").exit_code == 0
+    # The newer sync also re-sent the 15 other pending leads (state: pending is retried).
+    res = cli("retry", tmp_path / "r", "-c", config, "--state", state, "--report", tmp_path / "r2", "-q")
+    assert res.exit_code == 0, res.output
+    for i in range(20):
+        lead = sb.lead_by_email(f"u{i}@example.com")
+        assert lead["didomiNewsletterOptIn"] is (i >= 5)
+        assert lead["didomiAnalyticsOptIn"] is (i % 2 == 0)  # from the pending payload, never lost
+    summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert summary["leads"]["to_send"] == 0 and summary["leads"]["unchanged"] == 20

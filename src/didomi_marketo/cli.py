@@ -120,9 +120,15 @@ class _Progress:
             self.bar.update(self.task, completed=done, total=total)
 
 
+class _Warnings(list):
+    """Warnings are printed the moment the library finds them (before a long run, not after)."""
+
+    def append(self, warning: str) -> None:
+        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+        super().append(warning)
+
+
 def _finish(result: RunResult, quiet: bool) -> None:
-    for w in result.warnings:
-        err.print(f"warning: {w}", markup=False)
     if not quiet:
         if "input" in result.summary:
             print_summary(out, result.summary, result.samples)
@@ -202,8 +208,9 @@ def sync(
     log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())
     with _Progress(not quiet and log.is_text) as progress:
         result = run_sync(
-            cfg, options, rep, credentials=credentials, on_progress=log.progress(progress.update)
-        )
+            cfg, options, rep, credentials=credentials, on_progress=log.progress(progress.update),
+            warnings=_Warnings(),
+        )  # fmt: skip
     if rep.unshown and not verbose:
         err.print(
             f"... and {rep.unshown} more rejected records"
@@ -246,7 +253,7 @@ def retry(
     with _Progress(not quiet) as progress:
         result = run_retry(
             cfg, str(report_dir), _report(report, False), dry_run=dry_run,
-            credentials=credentials, options=options, on_progress=progress.update,
+            credentials=credentials, options=options, on_progress=progress.update, warnings=_Warnings(),
         )  # fmt: skip
     _finish(result, quiet)
 

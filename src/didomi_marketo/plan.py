@@ -179,6 +179,16 @@ class Planner:
             return True
         pending = key in self.pending
         self.pending.discard(key)
+        if pending and prior.pending:
+            # The pending payload was never confirmed: what this input does not say still
+            # has to go out, and per field the later consent wins.
+            p_stamps = prior.pending.get("stamps") or {}
+            for name, value in prior.pending["payload"].items():
+                if name != self.lookup_field and (
+                    name not in fields or p_stamps.get(name, NEVER) > stamps.get(name, NEVER)
+                ):
+                    fields[name] = value
+                    stamps[name] = p_stamps.get(name, 0.0)
         changed = False
         for name in list(fields):
             before = prior.confirmed.get(name)

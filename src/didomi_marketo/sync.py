@@ -148,11 +148,12 @@ def run_sync(
     clock: Clock | None = None,
     on_progress: Callable[[str, int, int | None], None] | None = None,
     sinks: list[Any] | None = None,
+    warnings: list[str] | None = None,
 ) -> RunResult:
     """Run one sync (or dry run). Never raises for bad input: it is counted and reported."""
     started = time.time()
     input_stats = InputStats()
-    warnings: list[str] = []
+    warnings = [] if warnings is None else warnings  # the CLI passes a list that prints at once
     with _open_state(options) as store:
         fold = build_fold(config, report, options.spill_threshold)
         try:
@@ -461,6 +462,7 @@ def run_retry(
     options: SyncOptions | None = None,
     on_progress: Callable[[str, int, int | None], None] | None = None,
     sinks: list[Any] | None = None,
+    warnings: list[str] | None = None,
 ) -> RunResult:
     """Re-send exactly the retryable leads of an earlier report, with the same engine."""
     from didomi_marketo.report import read_retryable
@@ -478,7 +480,7 @@ def run_retry(
             f"{report_dir}: leads were reported under another lookup field than the config's "
             f"'{config.lookup_field}' (e.g. {mismatched[0]}); use the config of the original run"
         )
-    warnings: list[str] = []
+    warnings = [] if warnings is None else warnings  # the CLI passes a list that prints at once
     delivery = None
     with _open_state(options) as store:
         planner = Planner(
