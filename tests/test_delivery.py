@@ -184,7 +184,7 @@ def test_413_splits_the_batch(sandbox_factory, tmp_path):
     assert_all_right(sb, 300)
 
 
-@pytest.mark.parametrize("code", ["code:603", "code:610", "code:612"])
+@pytest.mark.parametrize("code", ["code:603", "code:610", "code:612", "code:613"])
 def test_abort_codes_exit_three(sandbox_factory, tmp_path, code):
     sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 20)))
     events_file(tmp_path, 20)

