@@ -8,6 +8,7 @@ quota, unreachable, lock held).
 from __future__ import annotations
 
 import functools
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -86,6 +87,11 @@ def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
         except DidomiMarketoError as e:
             err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except (OSError, sqlite3.Error) as e:  # the disk, not the data: one line, run aborted
+            where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            err.print(f"error: {where}{reason}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
 
     return wrapper
 

@@ -51,7 +51,8 @@ class OutcomeSink(Protocol):
 
 @dataclass
 class DeliveryStats:
-    sent: int = 0  # leads handed to the engine
+    queued: int = 0  # leads handed to the engine
+    sent: int = 0  # leads posted to Marketo at least once
     created: int = 0
     updated: int = 0
     skipped: Counter = field(default_factory=Counter)  # code -> leads
@@ -148,7 +149,7 @@ class Engine:
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.settings.max_concurrency)]
         try:
             for batch in batches(updates, self.settings.batch_size):
-                self.stats.sent += len(batch)
+                self.stats.queued += len(batch)
                 await queue.put(batch)
         finally:
             for _ in workers:
@@ -164,7 +165,23 @@ class Engine:
 
     async def _worker(self, queue: asyncio.Queue[list[LeadUpdate] | None]) -> None:
         while (batch := await queue.get()) is not None:
-            await self._deliver(batch)
+            try:
+                await self._deliver(batch)
+            except Exception as e:  # noqa: BLE001 - a worker must never die: the producer would block
+                # A sink that cannot write (disk full, state locked) or an answer we did not
+                # foresee: stop the run, and keep draining so every batch gets an outcome.
+                why = f"delivery stopped by an unexpected error: {type(e).__name__}: {e}"
+                self.stop(why, fatal=why)
+                undelivered = self._undelivered(batch, "internal", why)
+                try:
+                    self._finish(batch, undelivered)
+                except Exception:  # noqa: BLE001 - the sink is what failed: count them at least
+                    self._count(undelivered)
+
+    def interrupt(self) -> None:
+        """Ctrl-C / SIGTERM: finish the calls in flight, leave everything else retryable."""
+        why = "interrupted: calls in flight were finished, the rest is left retryable"
+        self.stop(why, fatal=why)
 
     def stop(self, reason: str, fatal: str | None = None) -> None:
         if self.stats.stop_reason is None:
@@ -217,13 +234,14 @@ class Engine:
             {"action": self.action, "lookupField": self.lookup_field, "input": [u.payload for u in batch]}
         )
         budget = self.settings.max_calls
-        if budget is not None and stats.calls >= budget:
-            why = f"the --max-calls budget of {budget} calls is spent"
-            self.stop(why, fatal=why)
-            raise Stopped(why)
         async with self.limiter.slot():
             if stats.stop_reason:
                 raise Stopped(stats.stop_reason)
+            # Checked inside the slot: workers waiting for the window must not all pass it.
+            if budget is not None and stats.calls >= budget:
+                why = f"the --max-calls budget of {budget} calls is spent"
+                self.stop(why, fatal=why)
+                raise Stopped(why)
             stats.calls += 1
             now = self.clock.now()
             if stats.first_call_at is None:
@@ -288,8 +306,16 @@ class Engine:
         ]
 
     def _finish(self, batch: list[LeadUpdate], outcomes: list[LeadOutcome]) -> None:
+        self.sink.batch_done(outcomes)  # first: a lead is counted only once its outcome is recorded
+        self._count(outcomes)
+        if self.on_progress is not None:
+            self.on_progress(len(outcomes))
+
+    def _count(self, outcomes: list[LeadOutcome]) -> None:
         stats = self.stats
         for o in outcomes:
+            if o.code != "stopped":
+                stats.sent += 1
             if o.status == "created":
                 stats.created += 1
             elif o.status == "updated":
@@ -300,6 +326,3 @@ class Engine:
             else:
                 stats.failed += 1
                 stats.failed_retryable += o.retryable
-        self.sink.batch_done(outcomes)
-        if self.on_progress is not None:
-            self.on_progress(len(outcomes))

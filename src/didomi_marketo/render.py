@@ -29,11 +29,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
     ]
     if leads.get("unchanged"):
         rows.append(("  unchanged since last sync", leads["unchanged"]))
-    label = "leads to send" if summary["mode"] == "dry-run" else "leads sent"
-    rows.append((label, leads["to_send"]))
+    rows.append(("leads to send", leads["to_send"]))
     d = summary.get("delivery")
     if d:
         rows += [
+            ("  posted to Marketo", d["sent"]),
             ("  created", d["created"]),
             ("  updated", d["updated"]),
         ]

@@ -20,6 +20,7 @@ from typing import IO, Any
 import orjson
 
 from didomi_marketo.deliver import LeadOutcome
+from didomi_marketo.errors import ConfigError
 
 IGNORED = ("anonymous", "pending", "other_regulation", "deleted")
 SHOW_ISSUES = 20  # rejected records printed on stderr before "... and N more"
@@ -41,9 +42,13 @@ class Report:
         self.shown = 0
         self.rejected = 0
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for name in ("rejected", "ignored", "delivered", "undelivered"):
-                self._files[name] = open(self.directory / f"{name}.ndjson", "wb")  # noqa: SIM115
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                for name in ("rejected", "ignored", "delivered", "undelivered"):
+                    self._files[name] = open(self.directory / f"{name}.ndjson", "wb")  # noqa: SIM115
+            except OSError as e:
+                self.close()
+                raise ConfigError(f"--report {self.directory}: cannot write there ({e.strerror})") from None
 
     def _write(self, name: str, obj: dict[str, Any]) -> None:
         f = self._files.get(name)
@@ -110,12 +115,26 @@ def outcome_record(o: LeadOutcome) -> dict[str, Any]:
     }
 
 
-def read_retryable(directory: str | Path) -> Iterator[dict[str, Any]]:
-    """The retryable leads of a report's undelivered.ndjson (for `retry`)."""
+def read_retryable(directory: str | Path, on_problem: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """The retryable leads of a report's undelivered.ndjson (for `retry`).
+
+    A report of a killed run may end in half a line: that line, and any line that is not a
+    lead record, is reported through `on_problem` and skipped.
+    """
     path = Path(directory) / "undelivered.ndjson"
     with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 rec = orjson.loads(line)
-                if rec.get("retryable"):
-                    yield rec
+                ok = (
+                    isinstance(rec, dict) and isinstance(rec["payload"], dict) and isinstance(rec["key"], str)
+                )
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                on_problem(f"{path}:{n}: not a lead record (a partial last line?); skipped")
+                continue
+            if rec.get("retryable"):
+                yield rec

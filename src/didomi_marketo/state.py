@@ -71,13 +71,20 @@ class StateStore:
 
     def __init__(self, path: str | Path, *, readonly: bool = False):
         self.path = Path(path)
-        if readonly and not self.path.exists():
+        if readonly and not self.path.is_file():
             raise FatalError(f"{self.path}: no such state file")
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each commit point
-        self.db.executescript(SCHEMA)
-        self.sent_pending: set[str] = set()
+        try:
+            if readonly:  # inspect or plan without creating, migrating or locking anything
+                uri = f"file:{self.path.resolve()}?mode=ro"
+                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+                self.db.execute("SELECT 1 FROM leads LIMIT 1")
+            else:
+                self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each commit
+                self.db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            raise FatalError(f"{self.path}: not a usable didomi-marketo state file ({e})") from None
 
     def close(self) -> None:
         self.db.close()
@@ -230,11 +237,12 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def input_unit(f: InputFile) -> tuple[str, str] | None:
-    """(unit, fingerprint) of an input: the partition for files inside one. None for stdin."""
+def input_unit(f: InputFile, whole_partition: bool = True) -> tuple[str, str] | None:
+    """(unit, fingerprint) of an input: the partition for files inside one (when it is read
+    whole), else the file. None for stdin."""
     if f.display == "<stdin>":
         return None
-    if f.partition:
+    if f.partition and whole_partition:
         part = Path(f.partition)
         files = sorted(p for p in part.rglob("*.json.gz") if p.is_file())
         h = hashlib.sha1()
@@ -257,7 +265,10 @@ class StateLock:
 
     def acquire(self, wait_seconds: float = 0.0) -> None:
         deadline = time.monotonic() + wait_seconds
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FatalError(f"{self.path}: cannot create the state lock: {e.strerror}") from None
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

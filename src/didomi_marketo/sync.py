@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -29,7 +31,7 @@ from didomi_marketo.didomi.readers import (
 )
 from didomi_marketo.didomi.records import Observation, observations
 from didomi_marketo.errors import ConfigError, FatalError
-from didomi_marketo.marketo.client import CallFailed, MarketoClient
+from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
 from didomi_marketo.marketo.limiter import Clock
 from didomi_marketo.plan import LeadUpdate, Planner, PlanStats, payload_hash
 from didomi_marketo.report import Report
@@ -170,7 +172,7 @@ def run_sync(
             folded = len(fold)
             prior = None if store is None or options.full else store
             planner = Planner(config.mappings, fold.schema, config.lookup_field, prior, config.action)
-            output = open(options.output, "wb") if options.output else None  # noqa: SIM115
+            output = _open_output(options.output)
             try:
                 tee = _Tee(planner.plan(fold.leads()), output)
                 delivery = _send(config, credentials, options, tee, report, store, sinks, clock,
@@ -191,15 +193,34 @@ def run_sync(
     return RunResult(summary, code, tee.samples, delivery.fatal if delivery else None, warnings)
 
 
+def _open_output(path: str | None) -> IO[bytes] | None:
+    if path is None:
+        return None
+    try:
+        return open(path, "wb")  # noqa: SIM115 - closed by run_sync
+    except OSError as e:
+        raise ConfigError(f"--output {path}: cannot write ({e.strerror})") from None
+
+
 @contextmanager
 def _open_state(options: SyncOptions) -> Iterator[StateStore | None]:
     """The state store with its lock (a dry run only reads it, so it takes no lock)."""
     if not options.state:
         yield None
         return
+    if options.dry_run:
+        # A preview never creates, migrates or locks a state: a mistyped path must not
+        # silently become an empty state that "would send everything".
+        if not Path(options.state).is_file():
+            raise ConfigError(f"--state {options.state}: no such state file (a dry run does not create one)")
+        store = StateStore(options.state, readonly=True)
+        try:
+            yield store
+        finally:
+            store.close()
+        return
     lock = StateLock(options.state)
-    if not options.dry_run:
-        lock.acquire(options.wait_lock)
+    lock.acquire(options.wait_lock)
     try:
         store = StateStore(options.state)
         try:
@@ -222,17 +243,23 @@ class _InputFilter:
         self._decided: dict[str, bool] = {}
 
     def __call__(self, f: InputFile) -> bool:
-        identity = input_unit(f)
-        if identity is None:
-            return True  # stdin: always read
-        unit, fingerprint = identity
-        fingerprint = f"{fingerprint}:{self.config_hash}"
-        if unit not in self._decided:
-            self._decided[unit] = self.full or not self.store.input_unchanged(unit, fingerprint)
+        # A partition is one unit only when it was walked whole; a file named on the command
+        # line is its own unit (else syncing one part would mark the whole partition done).
+        key = f.partition if f.walked and f.partition else str(f.path)
+        if key not in self._decided:
+            try:
+                identity = input_unit(f, whole_partition=f.walked)
+            except OSError:
+                return True  # unreadable: read_records reports it with its reason
+            if identity is None:
+                return True  # stdin: always read
+            unit, fingerprint = identity
+            fingerprint = f"{fingerprint}:{self.config_hash}"
+            self._decided[key] = self.full or not self.store.input_unchanged(unit, fingerprint)
             self.units[unit] = fingerprint
-        if not self._decided[unit]:
+        if not self._decided[key]:
             self.unchanged += 1
-        return self._decided[unit]
+        return self._decided[key]
 
 
 def _send(config: Config, credentials: Credentials | None, options: SyncOptions, updates: Iterable[LeadUpdate],
@@ -266,8 +293,13 @@ async def _preflight(credentials: Credentials, config: Config, store: StateStore
     from didomi_marketo.workbench import check_schema as schema_problems
 
     async with MarketoClient(credentials, timeout=config.delivery.timeout, max_connections=1) as client:
+        # A blip at /identity is retried briefly; a wrong URL or a dead instance fails fast
+        # (the delivery itself retries for minutes, per batch).
+        policy = RetryPolicy(client.clock, min_attempts=3, min_seconds=0.0, base_delay=0.5, max_delay=2.0)
         try:
-            await client.token()
+            await policy.run(client.token)
+        except GaveUp as e:
+            raise FatalError(f"cannot reach Marketo at {credentials.base_url}: {e.last.message}") from None
         except CallFailed as e:
             raise FatalError(f"cannot reach Marketo at {credentials.base_url}: {e.message}") from None
         calls = client.recent_calls
@@ -335,7 +367,29 @@ async def _deliver(config, credentials, options, updates, report, sinks, clock, 
             window_seconds=options.rate_window,
             earlier_calls=options.earlier_calls,
         )
-        return await engine.run(updates)
+        # Ctrl-C or SIGTERM (systemd, a cron timeout): stop cleanly, once. Calls in flight finish,
+        # every other lead is reported retryable, the summary is written; a second signal kills.
+        loop = asyncio.get_running_loop()
+        hooked = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, _once(loop, sig, engine.interrupt))
+                hooked.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests), or no signals here
+        try:
+            return await engine.run(updates)
+        finally:
+            for sig in hooked:
+                loop.remove_signal_handler(sig)
+
+
+def _once(loop: asyncio.AbstractEventLoop, sig: int, action: Callable[[], None]) -> Callable[[], None]:
+    def handler() -> None:
+        loop.remove_signal_handler(sig)  # the next one gets the default: stop at once
+        action()
+
+    return handler
 
 
 async def _quota_warning(client: MarketoClient, calls: int, quota: int) -> str | None:
@@ -470,9 +524,10 @@ def run_retry(
     options = options or SyncOptions(paths=[])
     options.dry_run = options.dry_run or dry_run
     started = time.time()
+    warnings = [] if warnings is None else warnings
     updates = [
         LeadUpdate(r["key"], r["payload"], r.get("source", ""), r.get("stamps") or {})
-        for r in read_retryable(report_dir)
+        for r in read_retryable(report_dir, warnings.append)
     ]
     mismatched = [u.key for u in updates if config.lookup_field not in u.payload]
     if mismatched:
@@ -480,7 +535,6 @@ def run_retry(
             f"{report_dir}: leads were reported under another lookup field than the config's "
             f"'{config.lookup_field}' (e.g. {mismatched[0]}); use the config of the original run"
         )
-    warnings = [] if warnings is None else warnings  # the CLI passes a list that prints at once
     delivery = None
     with _open_state(options) as store:
         planner = Planner(

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,8 +109,18 @@ def _enclosing_partition(path: Path) -> Path | None:
     return None
 
 
-def _walk(root: Path, allow_incomplete: bool) -> Iterator[InputFile | IncompletePartition]:
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk(root: Path, allow_incomplete: bool) -> Iterator[InputFile | IncompletePartition | Problem]:
+    unreadable: list[OSError] = []
+    seen: set[str] = set()  # real paths: symlinked folders are followed, loops are not
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append, followlinks=True):
+        while unreadable:  # a folder we may not list is reported, never silently skipped
+            e = unreadable.pop()
+            yield Problem(str(e.filename or dirpath), 0, f"cannot read folder: {e.strerror}")
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         # Hidden folders and `_`-prefixed ones (Spark's `_temporary/`, half-written output) are skipped.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
         here = Path(dirpath)
@@ -131,6 +142,8 @@ def _walk(root: Path, allow_incomplete: bool) -> Iterator[InputFile | Incomplete
             if partition is not None and not name.endswith(".json.gz"):
                 continue
             yield InputFile(here / name, str(here / name), str(partition) if partition else None, True)
+    for e in unreadable:
+        yield Problem(str(e.filename or root), 0, f"cannot read folder: {e.strerror}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +169,7 @@ def sniff_json(f: InputFile) -> bool:
     try:
         with open_binary(f) as fh:
             head = fh.read(512).lstrip()
-    except (OSError, EOFError, gzip.BadGzipFile):
+    except (OSError, EOFError, zlib.error):
         return True  # let read_records report the real problem
     return not head or head[:1] in (b"{", b"[")
 
@@ -166,11 +179,16 @@ def read_records(f: InputFile) -> Iterator[tuple[Any, int] | Problem]:
     try:
         fh = open_binary(f)
     except OSError as e:
-        yield Problem(f.display, 0, f"cannot read: {e.strerror}")
+        yield Problem(f.display, 0, f"cannot read: {e.strerror or e}")
+        return
+    except (EOFError, zlib.error) as e:  # stdin: a truncated or corrupt gzip
+        yield Problem(f.display, 0, f"cannot read: corrupt or truncated gzip ({e})")
         return
     try:
         yield from _records(fh, f.display)
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
+    except (EOFError, zlib.error) as e:  # BadGzipFile is an OSError; zlib.error is not
+        yield Problem(f.display, 0, f"cannot read: corrupt or truncated gzip ({e})")
+    except (OSError, UnicodeDecodeError) as e:
         yield Problem(f.display, 0, f"cannot read: {e}")
     finally:
         fh.close()

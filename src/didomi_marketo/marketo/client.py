@@ -10,7 +10,7 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
@@ -50,8 +50,8 @@ class GaveUp(Exception):
 
 @dataclass
 class Token:
-    value: str
-    expires_at: float
+    value: str = field(repr=False)  # never in a repr, a log or a traceback
+    expires_at: float = 0.0
 
 
 class MarketoClient:
@@ -193,8 +193,8 @@ class MarketoClient:
         if not isinstance(body, dict):
             raise CallFailed("unreadable", f"{path} answered JSON that is not an object", maybe_applied=True)
         if body.get("success") is not True:
-            errors = body.get("errors") or [{}]
-            first = errors[0] if isinstance(errors[0], dict) else {}
+            errors = body.get("errors")
+            first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
             code = str(first.get("code", "unknown"))
             failure = CallFailed(code, str(first.get("message", "")) or describe(code))
             if failure.action is Action.REAUTH:
