@@ -196,7 +196,8 @@ class Engine:
         try:
             results = await self.policy.run(lambda: self._send(batch), lambda: self.stats.stop_reason)
         except GaveUp as e:
-            self._finish(batch, self._undelivered(batch, e.last.code, str(e)))
+            note = " (Marketo may have applied it: resending is safe)" if e.last.maybe_applied else ""
+            self._finish(batch, self._undelivered(batch, e.last.code, f"{e}{note}"))
         except Stopped as e:
             self._finish(batch, self._undelivered(batch, "stopped", str(e)))
         except AuthError as e:

@@ -19,17 +19,9 @@ class ConfigError(DidomiMarketoError):
         super().__init__("\n".join(self.problems))
 
 
-class InputError(DidomiMarketoError):
-    """An input path cannot be read at all (missing file, incomplete export partition)."""
-
-
 class FatalError(DidomiMarketoError):
     """The run cannot go on: bad credentials, access denied, quota, unreachable instance."""
 
 
 class AuthError(FatalError):
     """Marketo refused the client credentials (HTTP 401 at /identity) or access (603)."""
-
-
-class QuotaExceeded(FatalError):
-    """Marketo's daily quota (607) or our own --max-calls budget is spent."""

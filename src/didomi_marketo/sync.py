@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,7 +19,7 @@ import orjson
 
 from didomi_marketo.config import Config, Credentials
 from didomi_marketo.deliver import DeliveryStats, Engine, LeadOutcome
-from didomi_marketo.didomi.fold import Fold, FoldSchema
+from didomi_marketo.didomi.fold import Fold, FoldSchema, IssueSink, format_timestamp
 from didomi_marketo.didomi.readers import (
     IncompletePartition,
     InputFile,
@@ -31,6 +30,7 @@ from didomi_marketo.didomi.readers import (
 )
 from didomi_marketo.didomi.records import Observation, observations
 from didomi_marketo.errors import ConfigError, FatalError
+from didomi_marketo.mapping import FieldMapping
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
 from didomi_marketo.marketo.limiter import Clock
 from didomi_marketo.plan import LeadUpdate, Planner, PlanStats, payload_hash
@@ -111,12 +111,18 @@ def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: Input
                     reject(ob.category, path, ob.line, ob.reason, ob.key)
 
 
-def build_fold(config: Config, report: Report, spill_threshold: int) -> Fold:
+def build_fold(
+    config: Config,
+    on_issue: IssueSink,
+    spill_threshold: int = 250_000,
+    mappings: list[FieldMapping] | None = None,
+) -> Fold:
+    """The fold for `config` (or for other mappings under its identifier and regulations)."""
     return Fold(
-        FoldSchema.from_mappings(config.mappings),
+        FoldSchema.from_mappings(config.mappings if mappings is None else mappings),
         config.identifier,
         config.regulations,
-        report.issue,
+        on_issue,
         spill_threshold=spill_threshold,
     )
 
@@ -157,7 +163,7 @@ def run_sync(
     input_stats = InputStats()
     warnings = [] if warnings is None else warnings  # the CLI passes a list that prints at once
     with _open_state(options) as store:
-        fold = build_fold(config, report, options.spill_threshold)
+        fold = build_fold(config, report.issue, options.spill_threshold)
         try:
             if not options.dry_run:
                 assert credentials is not None
@@ -187,7 +193,7 @@ def run_sync(
         finally:
             fold.close()
     summary = summarise(config, options, input_stats, fold, planner.stats, delivery, started, folded)
-    code = exit_code(fold, input_stats, delivery)
+    code = exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused))
     summary["exit_code"] = code
     report.finish(summary)
     return RunResult(summary, code, tee.samples, delivery.fatal if delivery else None, warnings)
@@ -412,10 +418,11 @@ async def _quota_warning(client: MarketoClient, calls: int, quota: int) -> str |
 # summary and exit code
 
 
-def exit_code(fold: Fold, inputs: InputStats, delivery: DeliveryStats | None) -> int:
+def exit_code(delivery: DeliveryStats | None, rejected_input: bool = False) -> int:
+    """3 aborted; 1 rejected input or leads failed/skipped unexpectedly; else 0."""
     if delivery is not None and delivery.fatal:
         return 3
-    if fold.stats.rejected or inputs.partitions_refused:
+    if rejected_input:
         return 1
     if delivery is not None and (delivery.failed or delivery.unexpected_skips):
         return 1
@@ -423,7 +430,7 @@ def exit_code(fold: Fold, inputs: InputStats, delivery: DeliveryStats | None) ->
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return format_timestamp(round(t))
 
 
 def summarise(config: Config, options: SyncOptions, inputs: InputStats, fold: Fold,
@@ -562,11 +569,7 @@ def run_retry(
     }
     if delivery is not None:
         summary["delivery"] = delivery_summary(delivery)
-    code = (
-        3
-        if delivery and delivery.fatal
-        else (1 if delivery and (delivery.failed or delivery.unexpected_skips) else 0)
-    )
+    code = exit_code(delivery)
     summary["exit_code"] = code
     report.finish(summary)
     return RunResult(summary, code, tee.samples, delivery.fatal if delivery else None, warnings)

@@ -25,7 +25,7 @@ from didomi_marketo.mapping import BOOLEAN, DATETIME, STRING, FieldMapping, Prop
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
 from didomi_marketo.plan import Planner
 from didomi_marketo.report import IGNORED
-from didomi_marketo.sync import DEFAULT_DAILY_QUOTA, InputStats, read_into
+from didomi_marketo.sync import DEFAULT_DAILY_QUOTA, InputStats, build_fold, read_into
 
 ERROR, WARNING = "error", "warning"
 DEFAULT_SAMPLES = 5
@@ -336,13 +336,7 @@ def run_preview(
     old_values: dict[str, dict[str, Any]] = {}
     if not together:
         assert old is not None
-        old_fold = Fold(
-            FoldSchema.from_mappings(old.mappings),
-            old.identifier,
-            old.regulations,
-            _Tally(PreviewResult(old.lookup_field, None)).issue,
-            spill_threshold,
-        )
+        old_fold = build_fold(old, _Tally(PreviewResult(old.lookup_field, None)).issue, spill_threshold)
         try:
             read_into(old_fold, paths, allow_incomplete, InputStats())
             apart = Planner(old.mappings, old_fold.schema, old.lookup_field)
@@ -352,9 +346,7 @@ def run_preview(
             old_fold.close()
 
     mappings = new.mappings + (old.mappings if old is not None and together else [])
-    fold = Fold(
-        FoldSchema.from_mappings(mappings), new.identifier, new.regulations, tally.issue, spill_threshold
-    )
+    fold = build_fold(new, tally.issue, spill_threshold, mappings)
     try:
         read_into(fold, paths, allow_incomplete, inputs)
         planner = Planner(new.mappings, fold.schema, lookup)

@@ -81,7 +81,6 @@ class MarketoClient:
         # When each recent REST call started: Marketo counts describe and usage calls in the
         # same rate window as syncs, so the delivery limiter starts from these.
         self.recent_calls: deque[float] = deque(maxlen=100)
-        self.tokens_fetched = 0
         self._tokens_are_tiny = False
         self.reauths = 0
 
@@ -136,7 +135,6 @@ class MarketoClient:
                 expires_in = float(body.get("expires_in", 0))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise CallFailed("unreadable", f"{TOKEN_PATH} answered an unreadable body") from None
-            self.tokens_fetched += 1
             if expires_in >= 1:
                 # Renew a little before Marketo would expire it: 10% of its life, at most 60 s.
                 margin = min(60.0, expires_in * 0.1)
@@ -201,10 +199,6 @@ class MarketoClient:
                 self.invalidate(token)
             raise failure
         return body
-
-    async def describe(self) -> list[dict[str, Any]]:
-        body = await self.call("GET", "/rest/v1/leads/describe.json")
-        return list(body.get("result") or [])
 
     async def usage_today(self) -> int | None:
         body = await self.call("GET", "/rest/v1/stats/usage.json")

@@ -42,7 +42,6 @@ class Limiter:
         self._window_lock = asyncio.Lock()
         self.in_flight = 0
         self.max_in_flight = 0
-        self.waited = 0.0  # seconds spent waiting for the window
 
     def seed(self, started: Iterable[float]) -> None:
         """Count calls made outside this limiter (the schema check, the usage read) in the window."""
@@ -73,5 +72,4 @@ class Limiter:
                     return
                 # At least a millisecond: float rounding must not leave a zero-length wait.
                 wait = max(started[0] - horizon, 0.001)
-                self.waited += wait
                 await self.clock.sleep(wait)
