@@ -228,3 +228,26 @@ def test_json_logs_for_cron(sandbox_factory, tmp_path):
     assert events[0]["event"] == "start" and events[-1]["event"] == "end"
     assert events[-1]["summary"]["delivery"]["updated"] == 100
     assert "sandbox-secret" not in proc.stderr
+
+
+def test_json_logs_carry_errors_as_json_too(tmp_path):
+    from conftest import run_subprocess
+
+    config = make_config(tmp_path, None, authentication={
+        "client_id": "id", "client_secret": "s3cr3t", "instance": "http://127.0.0.1:9/rest"})  # fmt: skip
+    data = write_ndjson(
+        tmp_path / "in.ndjson", [event(EMAILS[0], "2026-11-01T00:00:00Z", {"newsletter": True})]
+    )
+    proc = run_subprocess("sync", data, "-c", config, "--log-format", "json", "-q")
+    assert proc.returncode == 3
+    events = [json.loads(line) for line in proc.stderr.splitlines()]  # every line is JSON
+    assert events[-1]["event"] == "error" and "cannot connect" in events[-1]["message"]
+
+
+def test_a_state_belongs_to_one_marketo_instance(sandbox_factory, tmp_path, cli):
+    first, second = seed(tmp_path, sandbox_factory), seed(tmp_path, sandbox_factory)
+    base_events(tmp_path)
+    assert sync(cli, tmp_path, make_config(tmp_path, first)).exit_code == 0
+    res = sync(cli, tmp_path, make_config(tmp_path, second))
+    assert res.exit_code == 2 and "one state file per Marketo instance" in res.stderr
+    assert second.stats()["sync_calls"] == 0

@@ -70,6 +70,17 @@ def _root(
     """Sync Didomi consent into Marketo lead fields."""
 
 
+_json_log: _Log | None = None  # set by a command run with --log-format json
+
+
+def _say(level: str, message: str) -> None:
+    """One line on stderr: `error: ...`, or a JSON event under --log-format json."""
+    if _json_log is not None:
+        _json_log.event(level, message=message)
+    else:
+        err.print(f"{level}: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
     """Turn the library's expected failures into one line on stderr and an exit code."""
 
@@ -79,19 +90,22 @@ def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
             command(*args, **kwargs)
         except ConfigError as e:
             for problem in e.problems:
-                err.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
+                _say("error", problem)
             raise typer.Exit(2) from None
         except FatalError as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            _say("error", str(e))
             raise typer.Exit(3) from None
         except DidomiMarketoError as e:
-            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            _say("error", str(e))
             raise typer.Exit(1) from None
         except (OSError, sqlite3.Error) as e:  # the disk, not the data: one line, run aborted
             where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            err.print(f"error: {where}{reason}", markup=False, highlight=False, soft_wrap=True)
+            _say("error", f"{where}{reason}")
             raise typer.Exit(3) from None
+        finally:
+            global _json_log
+            _json_log = None  # one command's --log-format never leaks into the next (tests)
 
     return wrapper
 
@@ -130,7 +144,7 @@ class _Warnings(list):
     """Warnings are printed the moment the library finds them (before a long run, not after)."""
 
     def append(self, warning: str) -> None:
-        err.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+        _say("warning", warning)
         super().append(warning)
 
 
@@ -141,7 +155,7 @@ def _finish(result: RunResult, quiet: bool) -> None:
         else:
             out.print_json(orjson.dumps(result.summary).decode())
     if result.fatal:
-        err.print(f"error: {result.fatal}", markup=False)
+        _say("error", result.fatal)
     raise typer.Exit(result.exit_code)
 
 
@@ -418,9 +432,12 @@ class _Log:
 
 
 def _log(fmt: str) -> _Log:
+    global _json_log
     if fmt not in ("text", "json"):
         raise ConfigError(f"--log-format {fmt!r}: expected text or json")
-    return _Log(fmt)
+    log = _Log(fmt)
+    _json_log = None if log.is_text else log
+    return log
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import orjson
 
 from didomi_marketo.deliver import LeadOutcome
 from didomi_marketo.didomi.readers import InputFile
-from didomi_marketo.errors import FatalError
+from didomi_marketo.errors import ConfigError, FatalError
 from didomi_marketo.plan import payload_hash
 
 SCHEMA = """
@@ -191,6 +191,19 @@ class StateStore:
             "INSERT INTO meta VALUES (?, ?, ?) ON CONFLICT(k) DO UPDATE SET v=excluded.v, at=excluded.at",
             (name, orjson.dumps(value), time.time()),
         )
+
+    def bind_instance(self, base_url: str) -> None:
+        """A state describes one Marketo instance: pointing it at another would send nothing."""
+        row = self.db.execute("SELECT v FROM meta WHERE k = 'instance'").fetchone()
+        if row is None:
+            self.db.execute(
+                "INSERT INTO meta VALUES ('instance', ?, ?)", (orjson.dumps(base_url), time.time())
+            )
+        elif orjson.loads(row[0]) != base_url:
+            raise ConfigError(
+                f"{self.path} records what {orjson.loads(row[0])} confirmed, not {base_url}: "
+                "use one state file per Marketo instance"
+            )
 
     # -- inspection (`state show|export`) -----------------------------------------------------
 

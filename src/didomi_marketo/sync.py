@@ -164,6 +164,8 @@ def run_sync(
     warnings = [] if warnings is None else warnings  # the CLI passes a list that prints at once
     with _open_state(options) as store:
         fold = build_fold(config, report.issue, options.spill_threshold)
+        if store is not None and credentials is not None and not options.dry_run:
+            store.bind_instance(credentials.base_url)
         try:
             if not options.dry_run:
                 assert credentials is not None
@@ -544,6 +546,8 @@ def run_retry(
         )
     delivery = None
     with _open_state(options) as store:
+        if store is not None and credentials is not None and not options.dry_run:
+            store.bind_instance(credentials.base_url)
         planner = Planner(
             config.mappings,
             FoldSchema.from_mappings(config.mappings),
