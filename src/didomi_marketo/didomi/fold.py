@@ -104,15 +104,23 @@ IssueSink = Callable[[str, str, int, str, Any], None]  # (category, path, line, 
 
 @dataclass
 class FoldStats:
-    observations: int = 0
     user_statuses: int = 0
     events: int = 0
-    applied: int = 0
-    rejected: int = 0
+    invalid: int = 0  # observations rejected in the fold (bad key, bad timestamp)
+    rejected: int = 0  # every rejected record: those and the unreadable/unrecognised ones
     anonymous: int = 0
     pending: int = 0
     other_regulation: int = 0
     deleted: int = 0
+
+    # Derived rather than counted: the fold's hot path does as few increments as it can.
+    @property
+    def observations(self) -> int:
+        return self.user_statuses + self.events
+
+    @property
+    def applied(self) -> int:
+        return self.observations - self.pending - self.other_regulation - self.anonymous - self.invalid
 
 
 class Fold:
@@ -145,13 +153,13 @@ class Fold:
         self._last_key: str | None = None
         self._last_why = ""
         self._timestamps: dict[str, float | None] = {}
+        self._gdpr_by_default = "gdpr" in regulations  # a record without `regulation` is gdpr
         self._needs_purposes = schema.needs_purposes
 
     # -- input --------------------------------------------------------------------------------
 
     def add(self, obs: Observation, path: str) -> None:
         stats = self.stats
-        stats.observations += 1
         if obs.kind == "event":
             stats.events += 1
             if obs.status is not None and obs.status != "confirmed":
@@ -177,7 +185,7 @@ class Fold:
                 obs.key,
             )
             return
-        if reg is None and "gdpr" not in self.regulations:
+        if reg is None and not self._gdpr_by_default:
             stats.other_regulation += 1
             self.on_issue(
                 "other_regulation", path, obs.line, "regulation (gdpr by default) is not applied", obs.key
@@ -200,6 +208,7 @@ class Fold:
             self._last_raw_key, self._last_key, self._last_why = obs.key, key, why
         if key is None:
             stats.rejected += 1
+            stats.invalid += 1
             self.on_issue("rejected", path, obs.line, why, obs.key)
             return
         raw_ts = obs.timestamp
@@ -215,16 +224,19 @@ class Fold:
         if ts is None:
             field_name = "created_at" if obs.kind == "event" else "updated_at"
             stats.rejected += 1
+            stats.invalid += 1
             what = "missing" if obs.timestamp in (None, "") else f"invalid ({obs.timestamp!r})"
             self.on_issue("rejected", path, obs.line, f"{obs.kind} {field_name} is {what}", obs.key)
             return
-        stats.applied += 1
         consents = obs.consents
         purposes = None
         if self._needs_purposes:
             plist = consents.get("purposes")
-            if isinstance(plist, list):
-                purposes = {p.get("id"): p for p in plist if isinstance(p, dict)}
+            if type(plist) is list:
+                try:
+                    purposes = {p["id"]: p for p in plist}
+                except (TypeError, KeyError):  # an item that is not an object, or has no id
+                    purposes = {p.get("id"): p for p in plist if isinstance(p, dict)}
         user = obs.user
         state = self._leads.get(key)
         if state is None:
