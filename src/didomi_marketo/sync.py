@@ -177,7 +177,7 @@ def run_sync(
             read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs)
             if inputs is not None:
                 input_stats.files_unchanged = inputs.unchanged
-            folded = len(fold)
+            folded = fold.size_hint()  # for the quota estimate and the progress bar
             prior = None if store is None or options.full else store
             planner = Planner(config.mappings, fold.schema, config.lookup_field, prior, config.action)
             output = _open_output(options.output)
@@ -194,7 +194,9 @@ def run_sync(
                     output.close()
         finally:
             fold.close()
-    summary = summarise(config, options, input_stats, fold, planner.stats, delivery, started, folded)
+    summary = summarise(
+        config, options, input_stats, fold, planner.stats, delivery, started, planner.stats.leads
+    )
     code = exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused))
     summary["exit_code"] = code
     report.finish(summary)
