@@ -318,13 +318,18 @@ class Fold:
                 db.execute(f"CREATE TABLE spill_{b} (key TEXT, state BLOB)")
             self._spill = db
         dumps = orjson.dumps
-        buckets: list[list[tuple[str, bytes]]] = [[] for _ in range(SPILL_BUCKETS)]
-        for k, s in self._leads.items():
-            # -inf is not JSON: store "never" as null and restore it on the way back.
-            buckets[hash(k) % SPILL_BUCKETS].append((k, dumps([None if v == NEVER else v for v in s])))
-        for b, rows in enumerate(buckets):
-            if rows:
-                self._spill.executemany(f"INSERT INTO spill_{b} VALUES (?, ?)", rows)
+        buckets: list[list[tuple[str, list[Any]]]] = [[] for _ in range(SPILL_BUCKETS)]
+        for item in self._leads.items():
+            buckets[hash(item[0]) % SPILL_BUCKETS].append(item)
+        for b, items in enumerate(buckets):
+            if items:
+                # Encoded one row at a time as SQLite takes it: each orjson result holds a buffer
+                # far larger than its length, so a list of them costs ~4 KiB a lead.
+                # -inf is not JSON: "never" is stored as null and restored on the way back.
+                self._spill.executemany(
+                    f"INSERT INTO spill_{b} VALUES (?, ?)",
+                    ((k, dumps([None if v == NEVER else v for v in s])) for k, s in items),
+                )
         self._spill.commit()
         self._leads.clear()
 
