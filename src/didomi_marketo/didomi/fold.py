@@ -29,7 +29,6 @@ from didomi_marketo.mapping import FieldMapping, Property
 SRC_PATH, SRC_LINE, LATEST = 0, 1, 2
 FIRST_SLOT = 3
 NEVER = -math.inf
-SPILL_BUCKETS = 64  # past the threshold, leads are spilled to this many hash buckets
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 LEAD_ID = re.compile(r"[0-9]+\Z")
@@ -146,6 +145,7 @@ class Fold:
         self._leads: dict[str, list[Any]] = {}
         self._spill: sqlite3.Connection | None = None
         self._spill_file: tempfile.TemporaryDirectory | None = None
+        self._chunk = 0
         self._extractors = [(schema.slots[p.name], p.compile()) for p in schema.properties]
         # Consecutive observations usually belong to one user (an export line is a user and
         # their events): remember the last key's normalisation.
@@ -265,39 +265,34 @@ class Fold:
     # -- output -------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Distinct leads (exact: once spilled, one small count per bucket)."""
-        if self._spill is None:
-            return len(self._leads)
-        self._spill_out()
-        return sum(self._spill_count(f"COUNT(DISTINCT key) FROM spill_{b}") for b in range(SPILL_BUCKETS))
+        return len(self._leads) if self._spill is None else self._count_spilled()
 
     def size_hint(self) -> int:
         """Distinct leads, or once spilled an upper bound (a lead spilled in two chunks counts
         twice) that costs no sort: enough for a quota estimate or a progress bar."""
         if self._spill is None:
             return len(self._leads)
-        spilled = sum(self._spill_count(f"COUNT(*) FROM spill_{b}") for b in range(SPILL_BUCKETS))
-        return spilled + len(self._leads)
-
-    def _spill_count(self, what: str) -> int:
-        assert self._spill is not None
-        return int(self._spill.execute(f"SELECT {what}").fetchone()[0])
+        return int(self._spill.execute("SELECT COUNT(*) FROM spill").fetchone()[0]) + len(self._leads)
 
     def leads(self) -> Iterator[tuple[str, list[Any]]]:
-        """Every folded lead once. Once spilled, bucket by bucket: a bucket's chunks are merged in
-        input order in a dict of about 1/64 of the leads, with no sort at all."""
+        """Every folded lead once (sorted by key when the fold spilled to disk)."""
         if self._spill is None:
             yield from self._leads.items()
             return
         self._spill_out()
-        loads, merge = orjson.loads, merge_states
-        for b in range(SPILL_BUCKETS):
-            merged: dict[str, list[Any]] = {}
-            for key, blob in self._spill.execute(f"SELECT key, state FROM spill_{b}"):  # rowid order
-                state = restore_never(loads(blob))
-                older = merged.get(key)
-                merged[key] = state if older is None else merge(older, state)
-            yield from merged.items()
+        merge = merge_states
+        current_key: str | None = None
+        current: list[Any] | None = None
+        for key, blob in self._spill.execute("SELECT key, state FROM spill ORDER BY key, chunk"):
+            state = restore_never(orjson.loads(blob))
+            if key == current_key:
+                current = merge(current, state)  # type: ignore[arg-type]
+            else:
+                if current is not None:
+                    yield current_key, current  # type: ignore[misc]
+                current_key, current = key, state
+        if current is not None:
+            yield current_key, current  # type: ignore[misc]
 
     def close(self) -> None:
         if self._spill is not None:
@@ -308,30 +303,28 @@ class Fold:
             self._spill_file = None
 
     def _spill_out(self) -> None:
-        """Append the in-memory fold to 64 hash buckets (append-only tables: no index, no sort)."""
         if self._spill is None:
             self._spill_file = tempfile.TemporaryDirectory(prefix="didomi-fold-", dir=self.scratch_dir)
             db = sqlite3.connect(Path(self._spill_file.name) / "fold.sqlite")
             db.execute("PRAGMA journal_mode=OFF")
             db.execute("PRAGMA synchronous=OFF")
-            for b in range(SPILL_BUCKETS):
-                db.execute(f"CREATE TABLE spill_{b} (key TEXT, state BLOB)")
+            db.execute("CREATE TABLE spill (key TEXT, chunk INTEGER, state BLOB)")
             self._spill = db
         dumps = orjson.dumps
-        buckets: list[list[tuple[str, list[Any]]]] = [[] for _ in range(SPILL_BUCKETS)]
-        for item in self._leads.items():
-            buckets[hash(item[0]) % SPILL_BUCKETS].append(item)
-        for b, items in enumerate(buckets):
-            if items:
-                # Encoded one row at a time as SQLite takes it: each orjson result holds a buffer
-                # far larger than its length, so a list of them costs ~4 KiB a lead.
-                # -inf is not JSON: "never" is stored as null and restored on the way back.
-                self._spill.executemany(
-                    f"INSERT INTO spill_{b} VALUES (?, ?)",
-                    ((k, dumps([None if v == NEVER else v for v in s])) for k, s in items),
-                )
+        chunk = self._chunk
+        # -inf is not JSON: store "never" as null and restore it on the way back (merge_states).
+        self._spill.executemany(
+            "INSERT INTO spill VALUES (?, ?, ?)",
+            ((k, chunk, dumps([None if v == NEVER else v for v in s])) for k, s in self._leads.items()),
+        )
         self._spill.commit()
+        self._chunk += 1
         self._leads.clear()
+
+    def _count_spilled(self) -> int:
+        self._spill_out()
+        assert self._spill is not None
+        return self._spill.execute("SELECT COUNT(DISTINCT key) FROM spill").fetchone()[0]
 
 
 def merge_states(older: list[Any], newer: list[Any]) -> list[Any]:
