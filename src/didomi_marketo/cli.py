@@ -41,6 +41,10 @@ err = Console(stderr=True, highlight=False)
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Didomi Marketo integration config (JSON or YAML).")
 ]
+PathsArg = Annotated[list[str], typer.Argument(help="Files, folders (recursive) or - for stdin.")]
+AllowIncompleteOpt = Annotated[
+    bool, typer.Option("--allow-incomplete", help="Read export partitions without _SUCCESS.")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print every rejected record.")]
 StateOpt = Annotated[
@@ -162,7 +166,7 @@ def _finish(result: RunResult, quiet: bool) -> None:
 @app.command()
 @expected_errors
 def sync(
-    paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or - for stdin.")],
+    paths: PathsArg,
     config: ConfigOpt,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Everything but delivery: no credentials, no network.")
@@ -177,9 +181,7 @@ def sync(
     output: Annotated[
         Path | None, typer.Option("--output", help="Dry run: write every payload as NDJSON.")
     ] = None,
-    allow_incomplete: Annotated[
-        bool, typer.Option("--allow-incomplete", help="Read export partitions without _SUCCESS.")
-    ] = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     max_calls: Annotated[
         int | None, typer.Option("--max-calls", min=1, help="Cap the Marketo calls this run may spend.")
     ] = None,

@@ -16,7 +16,7 @@ import orjson
 import typer
 from rich.table import Table
 
-from didomi_marketo.cli import ConfigOpt, app, err, expected_errors, out
+from didomi_marketo.cli import AllowIncompleteOpt, ConfigOpt, PathsArg, app, err, expected_errors, out
 from didomi_marketo.config import load_config
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.state import StateStore
@@ -45,11 +45,6 @@ class PreviewFormat(StrEnum):
     csv = "csv"
 
 
-AllowIncompleteOpt = Annotated[
-    bool, typer.Option("--allow-incomplete", help="Read export partitions without _SUCCESS.")
-]
-
-
 # ---------------------------------------------------------------------------------------------
 # preview
 
@@ -57,7 +52,7 @@ AllowIncompleteOpt = Annotated[
 @app.command()
 @expected_errors
 def preview(
-    paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or - for stdin.")],
+    paths: PathsArg,
     config: ConfigOpt,
     compare: Annotated[
         Path | None,
