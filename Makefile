@@ -26,6 +26,7 @@ lint: install
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy src/didomi_marketo
+	$(BIN)/lint-imports
 
 ## bench: delivery at Marketo's (compressed) limits, and local pipeline speed and memory
 bench: install

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from conftest import make_config
 
-from didomi_marketo.config import Config, Credentials, Secret, load_config, normalise_instance
+from didomi_marketo.config import Config, load_config, normalise_instance
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.mapping import parse_property
+from didomi_marketo.marketo.credentials import Credentials, Secret
 
 CONSOLE = {
     # What the Didomi Marketplace API returns around the integration: ignored.
@@ -126,8 +127,6 @@ def test_console_json_works_verbatim(tmp_path):
         "csecret",
         "https://123-abc-456.mktorest.com",
     )
-    assert creds.rest_url == "https://123-abc-456.mktorest.com/rest"
-    assert creds.identity_url == "https://123-abc-456.mktorest.com/identity"
 
 
 def test_yaml_equivalent_gives_the_same_config(tmp_path):

@@ -16,8 +16,9 @@ import httpx
 import pytest
 from conftest import SAMPLES, event, make_config, write_ndjson
 
-from didomi_marketo.config import Credentials, Secret, load_config
+from didomi_marketo.config import load_config
 from didomi_marketo.marketo.client import CallFailed, MarketoClient
+from didomi_marketo.marketo.credentials import Credentials, Secret
 from didomi_marketo.report import Report
 from didomi_marketo.sync import SyncOptions, run_sync
 

@@ -16,17 +16,11 @@ from typing import Any
 import pytest
 from conftest import SAMPLES, event, make_config, write_ndjson
 
+from didomi_marketo.check import BLOCKING_KINDS, ERROR, WARNING, schema_problems
 from didomi_marketo.config import load_config
 from didomi_marketo.mapping import FieldMapping, parse_property, parse_transforms
-from didomi_marketo.workbench import (
-    BLOCKING_KINDS,
-    ERROR,
-    WARNING,
-    check_schema,
-    compare_mappings,
-    normalise_fields,
-    run_preview,
-)
+from didomi_marketo.marketo.schema import normalise_fields
+from didomi_marketo.preview import compare_mappings, run_preview
 
 DESCRIBE = json.loads((Path(__file__).parent.parent / "src/didomi_marketo/data/describe.json").read_text())[
     "result"
@@ -493,7 +487,7 @@ def test_check_reports_every_config_error_at_once(tmp_path, cli):
 
 
 # ---------------------------------------------------------------------------------------------
-# check_schema, pure
+# schema_problems, pure
 
 
 def fm(field: str, value: str | None, transform: Any = None) -> FieldMapping:
@@ -524,7 +518,7 @@ def fm(field: str, value: str | None, transform: Any = None) -> FieldMapping:
     ],
 )
 def test_check_schema_type_fit(mapping, severity, text):
-    problems = check_schema([mapping], "email", DESCRIBE)
+    problems = schema_problems([mapping], "email", DESCRIBE)
     assert [p.severity for p in problems] == ([severity] if severity else [])
     if text:
         assert text in problems[0].message and problems[0].field == mapping.field
@@ -535,16 +529,16 @@ def test_check_schema_takes_describe_describe2_or_normalised_and_checks_the_look
         {"name": "email", "displayName": "Email", "dataType": "string", "updateable": True},
         {"name": "didomiFlag", "displayName": "Flag", "dataType": "boolean", "updateable": False},
     ]}]  # fmt: skip
-    problems = check_schema([fm("didomiFlag", nl("n"))], "email", describe2)
+    problems = schema_problems([fm("didomiFlag", nl("n"))], "email", describe2)
     assert {(p.field, p.severity, p.kind) for p in problems} == {
         ("didomiFlag", ERROR, "read-only"), ("email", ERROR, "lookup"),
     }  # fmt: skip
     assert [p.field for p in problems if p.kind in BLOCKING_KINDS] == ["didomiFlag"]
-    assert check_schema([fm("didomiFlag", nl("n"))], "email", normalise_fields(describe2)) == problems
+    assert schema_problems([fm("didomiFlag", nl("n"))], "email", normalise_fields(describe2)) == problems
     # Lookup by id: it must exist and be searchable (describe2 only lists email here).
-    id_problems = check_schema([], "id", describe2)
+    id_problems = schema_problems([], "id", describe2)
     assert [(p.severity, p.field) for p in id_problems] == [(ERROR, "id")]
-    assert check_schema([], "id", DESCRIBE) == []
+    assert schema_problems([], "id", DESCRIBE) == []
     soap_only = [
         {
             "id": 1,
@@ -555,7 +549,7 @@ def test_check_schema_takes_describe_describe2_or_normalised_and_checks_the_look
     ]
     assert (
         "not available through the REST API"
-        in check_schema([fm("secretSoap", "country")], "email", soap_only + DESCRIBE)[0].message
+        in schema_problems([fm("secretSoap", "country")], "email", soap_only + DESCRIBE)[0].message
     )
 
 

@@ -20,6 +20,7 @@ import yaml
 
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.mapping import FieldMapping, parse_property, parse_transforms
+from didomi_marketo.marketo.credentials import Credentials, Secret
 
 # Keys the Didomi Marketplace API adds around an integration; accepted and ignored so that
 # the JSON copied from the console or API works verbatim.
@@ -35,6 +36,8 @@ DELIVERY_KEYS = {
     "max_calls_per_20s", "max_concurrency", "max_calls", "batch_size",
     "timeout", "retry_min_attempts", "retry_min_seconds",
 }  # fmt: skip
+DEFAULT_DAILY_QUOTA = 50_000  # Marketo's default daily API quota (calls a day, reset at midnight US Central)
+
 IDENTIFIERS = {"email": "email", "leadID": "id"}
 ENV_FALLBACK = {
     "client_id": "MARKETO_CLIENT_ID",
@@ -43,28 +46,6 @@ ENV_FALLBACK = {
 }
 MUNCHKIN = re.compile(r"^\d{3}-[A-Za-z]{3}-\d{3}$")
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-class Secret(str):
-    """A string that never shows itself in repr, str-formatting of containers, or tracebacks."""
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-
-@dataclass(frozen=True)
-class Credentials:
-    client_id: str
-    client_secret: Secret = field(repr=False)
-    base_url: str  # scheme://host[:port], without /rest or /identity
-
-    @property
-    def rest_url(self) -> str:
-        return self.base_url + "/rest"
-
-    @property
-    def identity_url(self) -> str:
-        return self.base_url + "/identity"
 
 
 @dataclass(frozen=True)

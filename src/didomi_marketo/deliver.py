@@ -11,7 +11,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -20,38 +20,15 @@ from didomi_marketo.errors import AuthError
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Stopped
 from didomi_marketo.marketo.codes import QUOTA_RESET_NOTE, Action, describe, is_expected_skip
 from didomi_marketo.marketo.limiter import Clock, Limiter, RealClock
-from didomi_marketo.plan import LeadUpdate
+from didomi_marketo.outcomes import LeadOutcome, LeadUpdate, OutcomeSink
 
 MAX_BODY_BYTES = 1_000_000  # Marketo refuses > 1 MB (1,048,576) with HTTP 413; keep a margin
 ENVELOPE_BYTES = 100  # {"action":...,"lookupField":...,"input":[ ]}
 SYNC_PATH = "/rest/v1/leads.json"
 
 
-@dataclass(slots=True)
-class LeadOutcome:
-    key: str
-    payload: dict[str, Any]
-    source: str
-    status: str  # created | updated | skipped | failed
-    code: str = ""
-    reason: str = ""
-    retryable: bool = False
-    expected: bool = False  # an expected skip (1004 under updateOnly)
-    lead_id: int | None = None
-    stamps: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def delivered(self) -> bool:
-        return self.status in ("created", "updated")
-
-
-class OutcomeSink(Protocol):
-    def batch_done(self, outcomes: list[LeadOutcome]) -> None: ...
-
-
 @dataclass
 class DeliveryStats:
-    queued: int = 0  # leads handed to the engine
     sent: int = 0  # leads posted to Marketo at least once
     created: int = 0
     updated: int = 0
@@ -149,7 +126,6 @@ class Engine:
         workers = [asyncio.create_task(self._worker(queue)) for _ in range(self.settings.max_concurrency)]
         try:
             for batch in batches(updates, self.settings.batch_size):
-                self.stats.queued += len(batch)
                 await queue.put(batch)
         finally:
             for _ in workers:

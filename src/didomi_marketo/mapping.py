@@ -378,3 +378,16 @@ def classify_value(value: Any) -> str:
     if value is False:
         return "false"
     return "other"
+
+
+def describe_mapping(m: FieldMapping) -> str:
+    """A mapping's source and transforms in one short line, for tables and diffs."""
+    parts = [m.source.name] if m.source is not None else []
+    for t in m.transforms:
+        if t.name == "map":
+            parts.append("map {" + ", ".join(f"{k}: {v}" for k, v in (t.table or {}).items()) + "}")
+        elif t.name == "const":
+            parts.append(f"const {t.const!r}")
+        else:
+            parts.append(t.name)
+    return " | ".join(parts)

@@ -5,32 +5,15 @@ Pure: nothing here talks to Marketo. A dry run and `preview` are this stage rend
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
-
 from didomi_marketo.didomi.fold import LATEST, NEVER, SRC_LINE, SRC_PATH, FoldSchema, format_timestamp
 from didomi_marketo.mapping import FieldMapping, classify_value
 from didomi_marketo.marketo.codes import LEAD_NOT_FOUND
-
-
-@dataclass(slots=True)
-class LeadUpdate:
-    """One lead to send: its key, the Marketo payload (lookup field first), where it came from."""
-
-    key: str
-    payload: dict[str, Any]
-    source: str  # "path:line" of the latest record that touched the lead
-    stamps: dict[str, float] = field(default_factory=dict)  # field -> consent timestamp
-
-
-def payload_hash(fields: dict[str, Any]) -> str:
-    """A stable hash of field values (the lookup field excluded), for "did anything change"."""
-    return hashlib.sha1(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+from didomi_marketo.outcomes import LeadUpdate, payload_hash
 
 
 class PriorState(Protocol):
@@ -39,9 +22,6 @@ class PriorState(Protocol):
     def lead(self, key: str) -> Any: ...  # LeadState | None: confirmed, pending, skipped_hash
 
     def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None: ...
-
-
-ConfirmedState = PriorState  # the name the workbench uses for "compare against the state"
 
 
 @dataclass

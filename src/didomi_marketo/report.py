@@ -19,8 +19,8 @@ from typing import IO, Any
 
 import orjson
 
-from didomi_marketo.deliver import LeadOutcome
 from didomi_marketo.errors import ConfigError
+from didomi_marketo.outcomes import LeadOutcome
 
 IGNORED = ("anonymous", "pending", "other_regulation", "deleted")
 SHOW_ISSUES = 20  # rejected records printed on stderr before "... and N more"

@@ -25,10 +25,9 @@ from typing import Any
 
 import orjson
 
-from didomi_marketo.deliver import LeadOutcome
 from didomi_marketo.didomi.readers import InputFile
 from didomi_marketo.errors import ConfigError, FatalError
-from didomi_marketo.plan import payload_hash
+from didomi_marketo.outcomes import LeadOutcome, payload_hash
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leads (
@@ -312,3 +311,11 @@ class StateLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def reset_state(path: str | Path, wait_lock: float = 0.0) -> None:
+    """Delete the state (and SQLite's WAL files) under its lock: the next sync sends everything."""
+    with StateLock(path) as lock:
+        lock.acquire(wait_lock)
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)

@@ -17,27 +17,21 @@ from typing import IO, Any
 
 import orjson
 
-from didomi_marketo.config import Config, Credentials
-from didomi_marketo.deliver import DeliveryStats, Engine, LeadOutcome
-from didomi_marketo.didomi.fold import Fold, FoldSchema, IssueSink, format_timestamp
-from didomi_marketo.didomi.readers import (
-    IncompletePartition,
-    InputFile,
-    Problem,
-    discover,
-    read_records,
-    sniff_json,
-)
-from didomi_marketo.didomi.records import Observation, observations
+from didomi_marketo.check import BLOCKING_KINDS, schema_problems
+from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
+from didomi_marketo.deliver import DeliveryStats, Engine
+from didomi_marketo.didomi.fold import Fold, FoldSchema, format_timestamp
 from didomi_marketo.errors import ConfigError, FatalError
-from didomi_marketo.mapping import FieldMapping
+from didomi_marketo.inputs import InputFilter, InputStats, build_fold, read_into
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
+from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock
-from didomi_marketo.plan import LeadUpdate, Planner, PlanStats, payload_hash
-from didomi_marketo.report import Report
-from didomi_marketo.state import StateLock, StateStore, input_unit
+from didomi_marketo.marketo.schema import fetch_schema
+from didomi_marketo.outcomes import LeadOutcome, LeadUpdate
+from didomi_marketo.plan import Planner, PlanStats
+from didomi_marketo.report import Report, read_retryable
+from didomi_marketo.state import StateLock, StateStore
 
-DEFAULT_DAILY_QUOTA = 50_000
 SAMPLES = 3
 
 
@@ -58,73 +52,12 @@ class SyncOptions:
 
 
 @dataclass
-class InputStats:
-    files: int = 0
-    files_skipped: int = 0  # not JSON (READMEs...) in a folder
-    files_unchanged: int = 0  # skipped: unchanged since the state recorded them
-    records: int = 0
-    partitions_refused: list[str] = field(default_factory=list)
-
-
-@dataclass
 class RunResult:
     summary: dict[str, Any]
     exit_code: int
     samples: list[dict[str, Any]]
     fatal: str | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# read -> fold
-
-
-def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats,
-              on_file: Callable[[InputFile], bool] | None = None) -> None:  # fmt: skip
-    """Feed every record of `paths` into the fold. `on_file` may veto a file (state: unchanged)."""
-    add, reject = fold.add, fold.reject
-    for item in discover(paths, allow_incomplete):
-        if isinstance(item, Problem):
-            reject("rejected", item.path, item.line, item.reason)
-            continue
-        if isinstance(item, IncompletePartition):
-            stats.partitions_refused.append(item.partition)
-            reject("rejected", item.partition, 0, str(item).split(": ", 1)[1])
-            continue
-        if item.walked and not sniff_json(item):
-            stats.files_skipped += 1
-            continue
-        if on_file is not None and not on_file(item):
-            continue
-        stats.files += 1
-        path = item.display
-        for rec in read_records(item):
-            stats.records += 1
-            if isinstance(rec, Problem):
-                reject("rejected", rec.path, rec.line, rec.reason)
-                continue
-            value, line = rec
-            for ob in observations(value, line):
-                if isinstance(ob, Observation):
-                    add(ob, path)
-                else:
-                    reject(ob.category, path, ob.line, ob.reason, ob.key)
-
-
-def build_fold(
-    config: Config,
-    on_issue: IssueSink,
-    spill_threshold: int = 250_000,
-    mappings: list[FieldMapping] | None = None,
-) -> Fold:
-    """The fold for `config` (or for other mappings under its identifier and regulations)."""
-    return Fold(
-        FoldSchema.from_mappings(config.mappings if mappings is None else mappings),
-        config.identifier,
-        config.regulations,
-        on_issue,
-        spill_threshold=spill_threshold,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +106,7 @@ def run_sync(
                 options.earlier_calls = asyncio.run(
                     _preflight(credentials, config, store, options.check_schema, warnings)
                 )
-            inputs = _InputFilter(store, options.full, config) if store is not None else None
+            inputs = InputFilter(store, options.full, config) if store is not None else None
             read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs)
             if inputs is not None:
                 input_stats.files_unchanged = inputs.unchanged
@@ -241,37 +174,6 @@ def _open_state(options: SyncOptions) -> Iterator[StateStore | None]:
         lock.release()
 
 
-class _InputFilter:
-    """Skips inputs (files, or whole export partitions) unchanged since a sync recorded them."""
-
-    def __init__(self, store: StateStore, full: bool, config: Config):
-        self.store, self.full = store, full
-        # An input is "unchanged" only under the same mapping: a mapping change re-reads it.
-        self.config_hash = payload_hash(config.identity() | {"client_id": None, "instance": None})
-        self.units: dict[str, str] = {}
-        self.unchanged = 0
-        self._decided: dict[str, bool] = {}
-
-    def __call__(self, f: InputFile) -> bool:
-        # A partition is one unit only when it was walked whole; a file named on the command
-        # line is its own unit (else syncing one part would mark the whole partition done).
-        key = f.partition if f.walked and f.partition else str(f.path)
-        if key not in self._decided:
-            try:
-                identity = input_unit(f, whole_partition=f.walked)
-            except OSError:
-                return True  # unreadable: read_records reports it with its reason
-            if identity is None:
-                return True  # stdin: always read
-            unit, fingerprint = identity
-            fingerprint = f"{fingerprint}:{self.config_hash}"
-            self._decided[key] = self.full or not self.store.input_unchanged(unit, fingerprint)
-            self.units[unit] = fingerprint
-        if not self._decided[key]:
-            self.unchanged += 1
-        return self._decided[key]
-
-
 def _send(config: Config, credentials: Credentials | None, options: SyncOptions, updates: Iterable[LeadUpdate],
           report: Report, store: StateStore | None, sinks: list[Any] | None, clock: Clock | None,
           on_progress: Callable[[str, int, int | None], None] | None, expected: int,
@@ -299,9 +201,6 @@ async def _preflight(credentials: Credentials, config: Config, store: StateStore
     """Before reading any input: the credentials work, and every mapped field exists in Marketo
     and is writable (instead of collecting thousands of 1006 skips). Raises Fatal/ConfigError.
     Returns when its REST calls started, for the delivery limiter's window."""
-    from didomi_marketo.workbench import BLOCKING_KINDS, fetch_schema
-    from didomi_marketo.workbench import check_schema as schema_problems
-
     async with MarketoClient(credentials, timeout=config.delivery.timeout, max_connections=1) as client:
         # A blip at /identity is retried briefly; a wrong URL or a dead instance fails fast
         # (the delivery itself retries for minutes, per batch).
@@ -530,8 +429,6 @@ def run_retry(
     warnings: list[str] | None = None,
 ) -> RunResult:
     """Re-send exactly the retryable leads of an earlier report, with the same engine."""
-    from didomi_marketo.report import read_retryable
-
     options = options or SyncOptions(paths=[])
     options.dry_run = options.dry_run or dry_run
     started = time.time()

@@ -17,9 +17,9 @@ import httpx
 import orjson
 
 from didomi_marketo import __version__
-from didomi_marketo.config import Credentials
 from didomi_marketo.errors import AuthError
 from didomi_marketo.marketo.codes import Action, describe, request_action
+from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock, RealClock
 
 T = TypeVar("T")

@@ -1,6 +1,6 @@
-"""CLI commands of the mapping workbench: preview, check, fields (registered on cli.app).
+"""`preview`, `check`, `fields`: the mapping workbench.
 
-Each command parses its options, calls one function of `didomi_marketo.workbench`, renders the
+Each command parses its options, calls one function of `preview` or `check`, renders the
 result with rich (or as JSON/CSV), and exits with the result's code.
 """
 
@@ -16,22 +16,12 @@ import orjson
 import typer
 from rich.table import Table
 
-from didomi_marketo.cli import AllowIncompleteOpt, ConfigOpt, PathsArg, app, err, expected_errors, out
-from didomi_marketo.config import load_config
+from didomi_marketo.check import CheckReport, list_fields, resolve_credentials, run_check
+from didomi_marketo.cli.common import AllowIncompleteOpt, ConfigOpt, PathsArg, err, expected_errors, out
+from didomi_marketo.config import DEFAULT_DAILY_QUOTA, load_config
 from didomi_marketo.errors import ConfigError
+from didomi_marketo.preview import DEFAULT_SAMPLES, LeadDiff, PreviewResult, change_rows, run_preview
 from didomi_marketo.state import StateStore
-from didomi_marketo.sync import DEFAULT_DAILY_QUOTA
-from didomi_marketo.workbench import (
-    DEFAULT_SAMPLES,
-    CheckReport,
-    LeadDiff,
-    PreviewResult,
-    change_rows,
-    list_fields,
-    resolve_credentials,
-    run_check,
-    run_preview,
-)
 
 
 class Format(StrEnum):
@@ -49,7 +39,6 @@ class PreviewFormat(StrEnum):
 # preview
 
 
-@app.command()
 @expected_errors
 def preview(
     paths: PathsArg,
@@ -215,7 +204,6 @@ def _render_preview(result: PreviewResult, config: str) -> None:
 # check
 
 
-@app.command()
 @expected_errors
 def check(
     config: ConfigOpt,
@@ -291,7 +279,6 @@ def _render_check(report: CheckReport) -> None:
 # fields
 
 
-@app.command()
 @expected_errors
 def fields(
     config: ConfigOpt,
@@ -322,3 +309,9 @@ def fields(
         out.print(table)
     if not rows:
         err.print(f"no Marketo field matches '{match}'", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(preview)
+    app.command()(check)
+    app.command()(fields)

@@ -1,0 +1,222 @@
+"""What every command shares: the consoles, option types declared once, error -> exit code,
+the progress bar, the run log. Commands live in their own modules (run, state, workbench...).
+
+Exit codes: 0 all delivered or expectedly skipped; 1 some records rejected or leads
+failed/skipped unexpectedly; 2 usage or config error; 3 run aborted (credentials, access,
+quota, unreachable, lock held).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from didomi_marketo import __version__
+from didomi_marketo.config import Config, load_config
+from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
+from didomi_marketo.render import print_summary
+from didomi_marketo.report import SHOW_ISSUES, Report
+from didomi_marketo.sync import RunResult
+
+app = typer.Typer(
+    name="didomi-marketo",
+    help="Sync Didomi consent (exports, events, webhooks, API pages) into Marketo lead fields.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Didomi Marketo integration config (JSON or YAML).")
+]
+PathsArg = Annotated[list[str], typer.Argument(help="Files, folders (recursive) or - for stdin.")]
+AllowIncompleteOpt = Annotated[
+    bool, typer.Option("--allow-incomplete", help="Read export partitions without _SUCCESS.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print every rejected record.")]
+StateOpt = Annotated[
+    Path | None,
+    typer.Option("--state", help="SQLite state: send only what changed since Marketo last confirmed it."),
+]
+WaitLockOpt = Annotated[
+    float, typer.Option("--wait-lock", min=0, help="Seconds to wait when another run holds the state.")
+]
+LogFormatOpt = Annotated[
+    str, typer.Option("--log-format", help="text, or json: one JSON object a line on stderr (for cron).")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"didomi-marketo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Sync Didomi consent into Marketo lead fields."""
+
+
+_json_log: RunLog | None = None  # set by a command run with --log-format json
+
+
+def say(level: str, message: str) -> None:
+    """One line on stderr: `error: ...`, or a JSON event under --log-format json."""
+    if _json_log is not None:
+        _json_log.event(level, message=message)
+    else:
+        err.print(f"{level}: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn the library's expected failures into one line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except ConfigError as e:
+            for problem in e.problems:
+                say("error", problem)
+            raise typer.Exit(2) from None
+        except FatalError as e:
+            say("error", str(e))
+            raise typer.Exit(3) from None
+        except DidomiMarketoError as e:
+            say("error", str(e))
+            raise typer.Exit(1) from None
+        except (OSError, sqlite3.Error) as e:  # the disk, not the data: one line, run aborted
+            where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            say("error", f"{where}{reason}")
+            raise typer.Exit(3) from None
+        finally:
+            global _json_log
+            _json_log = None  # one command's --log-format never leaks into the next (tests)
+
+    return wrapper
+
+
+def load_config_with(config_path: Path, upsert: bool | None = None) -> Config:
+    return load_config(config_path).with_upsert(upsert)
+
+
+class ProgressBar:
+    """A rich progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled and err.is_terminal:
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), console=err, transient=True,
+            )  # fmt: skip
+            self.task = self.bar.add_task("delivering leads", total=None)
+
+    def __enter__(self) -> ProgressBar:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, stage: str, done: int, total: int | None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
+
+
+class LiveWarnings(list):
+    """Warnings are printed the moment the library finds them (before a long run, not after)."""
+
+    def append(self, warning: str) -> None:
+        say("warning", warning)
+        super().append(warning)
+
+
+def finish(result: RunResult, quiet: bool) -> None:
+    if not quiet:
+        if "input" in result.summary:
+            print_summary(out, result.summary, result.samples)
+        else:
+            out.print_json(orjson.dumps(result.summary).decode())
+    if result.fatal:
+        say("error", result.fatal)
+    raise typer.Exit(result.exit_code)
+
+
+def with_delivery(cfg: Config, max_calls, per_20s, concurrency) -> Config:
+    changes = {}
+    if max_calls is not None:
+        changes["max_calls"] = max_calls
+    if per_20s is not None:
+        changes["max_calls_per_20s"] = per_20s
+    if concurrency is not None:
+        changes["max_concurrency"] = concurrency
+    if changes:
+        cfg.delivery = replace(cfg.delivery, **changes)
+    return cfg
+
+
+def make_report(directory: Path | None, verbose: bool, log: RunLog | None = None) -> Report:
+    def show(line: str) -> None:
+        if log is not None and not log.is_text:
+            log.event("rejected", record=line)
+        else:
+            err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    return Report(directory, on_rejected=show, show_limit=sys.maxsize if verbose else SHOW_ISSUES)
+
+
+class RunLog:
+    """`--log-format json`: one JSON object a line on stderr (start, progress, end) for collectors."""
+
+    def __init__(self, fmt: str, every: float = 10.0):
+        self.is_text = fmt == "text"
+        self.every = every
+        self._last = 0.0
+
+    def event(self, name: str, **fields: Any) -> None:
+        if not self.is_text:
+            record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": name, **fields}
+            sys.stderr.write(orjson.dumps(record, default=str).decode() + "\n")
+            sys.stderr.flush()
+
+    def progress(self, bar: Callable[[str, int, int | None], None]) -> Callable[[str, int, int | None], None]:
+        def update(stage: str, done: int, total: int | None) -> None:
+            bar(stage, done, total)
+            now = time.monotonic()
+            if not self.is_text and now - self._last >= self.every:
+                self._last = now
+                self.event("progress", stage=stage, done=done, total=total)
+
+        return update
+
+
+def run_log(fmt: str) -> RunLog:
+    global _json_log
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"--log-format {fmt!r}: expected text or json")
+    log = RunLog(fmt)
+    _json_log = None if log.is_text else log
+    return log

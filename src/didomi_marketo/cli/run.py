@@ -1,0 +1,150 @@
+"""`sync` and `retry`: the commands that deliver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from didomi_marketo.cli.common import (
+    AllowIncompleteOpt,
+    ConfigOpt,
+    LiveWarnings,
+    LogFormatOpt,
+    PathsArg,
+    ProgressBar,
+    QuietOpt,
+    StateOpt,
+    VerboseOpt,
+    WaitLockOpt,
+    err,
+    expected_errors,
+    finish,
+    load_config_with,
+    make_report,
+    run_log,
+    with_delivery,
+)
+from didomi_marketo.errors import ConfigError
+from didomi_marketo.sync import SyncOptions, run_retry, run_sync
+
+
+@expected_errors
+def sync(
+    paths: PathsArg,
+    config: ConfigOpt,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Everything but delivery: no credentials, no network.")
+    ] = False,
+    upsert: Annotated[
+        bool | None,
+        typer.Option("--upsert/--no-upsert", help="Override upsert_mode (create leads or only update)."),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write summary.json and NDJSON outcome files here.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Dry run: write every payload as NDJSON.")
+    ] = None,
+    allow_incomplete: AllowIncompleteOpt = False,
+    max_calls: Annotated[
+        int | None, typer.Option("--max-calls", min=1, help="Cap the Marketo calls this run may spend.")
+    ] = None,
+    max_calls_per_20s: Annotated[
+        int | None,
+        typer.Option("--max-calls-per-20s", min=1, max=100, help="Share of the 100 calls/20 s limit."),
+    ] = None,
+    max_concurrency: Annotated[
+        int | None,
+        typer.Option("--max-concurrency", min=1, max=10, help="Share of the 10 concurrent calls."),
+    ] = None,
+    daily_quota: Annotated[
+        int, typer.Option("--daily-quota", min=1, help="Your subscription's daily call quota.")
+    ] = 50_000,
+    rate_window: Annotated[
+        float,
+        typer.Option("--rate-window", min=0.1, help="Seconds of the rate window (20; less for a sandbox)."),
+    ] = 20.0,
+    state: StateOpt = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Ignore the state for this run (send everything), then refresh it.")
+    ] = False,
+    wait_lock: WaitLockOpt = 0.0,
+    skip_schema_check: Annotated[
+        bool,
+        typer.Option(
+            "--skip-schema-check", help="Send without checking mapped fields against Marketo first."
+        ),
+    ] = False,
+    log_format: LogFormatOpt = "text",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Read Didomi records, fold them per user, map them, and push Marketo lead updates."""
+    log = run_log(log_format)
+    cfg = load_config_with(config, upsert)
+    cfg = with_delivery(cfg, max_calls, max_calls_per_20s, max_concurrency)
+    credentials = None if dry_run else cfg.credentials()
+    state_path = str(state) if state else cfg.state
+    options = SyncOptions(
+        paths=paths, dry_run=dry_run, allow_incomplete=allow_incomplete,
+        output=str(output) if output else None, rate_window=rate_window, daily_quota=daily_quota,
+        state=state_path, full=full, wait_lock=wait_lock, check_schema=not skip_schema_check,
+    )  # fmt: skip
+    rep = make_report(report, verbose, log)
+    log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())
+    with ProgressBar(not quiet and log.is_text) as progress:
+        result = run_sync(
+            cfg, options, rep, credentials=credentials, on_progress=log.progress(progress.update),
+            warnings=LiveWarnings(),
+        )  # fmt: skip
+    if rep.unshown and not verbose:
+        err.print(
+            f"... and {rep.unshown} more rejected records"
+            + (f" (see {report}/rejected.ndjson)" if report else " (use --report DIR to list them all)"),
+            markup=False,
+        )
+    log.event("end", summary=result.summary)
+    finish(result, quiet)
+
+
+@expected_errors
+def retry(
+    report_dir: Annotated[Path, typer.Argument(help="The --report DIR of an earlier run.")],
+    config: ConfigOpt,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the new report here.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be re-sent.")] = False,
+    max_calls: Annotated[int | None, typer.Option("--max-calls", min=1)] = None,
+    max_calls_per_20s: Annotated[int | None, typer.Option("--max-calls-per-20s", min=1, max=100)] = None,
+    max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", min=1, max=10)] = None,
+    rate_window: Annotated[float, typer.Option("--rate-window", min=0.1)] = 20.0,
+    state: StateOpt = None,
+    wait_lock: WaitLockOpt = 0.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-send exactly the retryable leads of an earlier report, and write a fresh report.
+
+    With --state, a lead that a newer sync already delivered is not rolled back.
+    """
+    if not (report_dir / "undelivered.ndjson").is_file():
+        raise ConfigError(f"{report_dir}: not a didomi-marketo report (no undelivered.ndjson)")
+    if report is not None and report.resolve() == report_dir.resolve():
+        raise ConfigError("--report must differ from the report being retried")
+    cfg = with_delivery(load_config_with(config), max_calls, max_calls_per_20s, max_concurrency)
+    credentials = None if dry_run else cfg.credentials()
+    options = SyncOptions(
+        paths=[], dry_run=dry_run, rate_window=rate_window,
+        state=str(state) if state else cfg.state, wait_lock=wait_lock,
+    )  # fmt: skip
+    with ProgressBar(not quiet) as progress:
+        result = run_retry(
+            cfg, str(report_dir), make_report(report, False), dry_run=dry_run,
+            credentials=credentials, options=options, on_progress=progress.update, warnings=LiveWarnings(),
+        )  # fmt: skip
+    finish(result, quiet)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(sync)
+    app.command()(retry)

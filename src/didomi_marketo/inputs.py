@@ -1,0 +1,113 @@
+"""Inputs: discover files, read them, and fold their records into per-lead consent.
+
+Used by every command that reads Didomi data (sync, preview, check --sample, explain, reconcile),
+so each reads exactly as `sync` does. The consent rules themselves live in `didomi/fold.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from didomi_marketo.config import Config
+from didomi_marketo.didomi.fold import Fold, FoldSchema, IssueSink
+from didomi_marketo.didomi.readers import (
+    IncompletePartition,
+    InputFile,
+    Problem,
+    discover,
+    read_records,
+    sniff_json,
+)
+from didomi_marketo.didomi.records import Observation, observations
+from didomi_marketo.mapping import FieldMapping
+from didomi_marketo.outcomes import payload_hash
+from didomi_marketo.state import StateStore, input_unit
+
+
+@dataclass
+class InputStats:
+    files: int = 0
+    files_skipped: int = 0  # not JSON (READMEs...) in a folder
+    files_unchanged: int = 0  # skipped: unchanged since the state recorded them
+    records: int = 0
+    partitions_refused: list[str] = field(default_factory=list)
+
+
+def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats,
+              on_file: Callable[[InputFile], bool] | None = None) -> None:  # fmt: skip
+    """Feed every record of `paths` into the fold. `on_file` may veto a file (state: unchanged)."""
+    add, reject = fold.add, fold.reject
+    for item in discover(paths, allow_incomplete):
+        if isinstance(item, Problem):
+            reject("rejected", item.path, item.line, item.reason)
+            continue
+        if isinstance(item, IncompletePartition):
+            stats.partitions_refused.append(item.partition)
+            reject("rejected", item.partition, 0, str(item).split(": ", 1)[1])
+            continue
+        if item.walked and not sniff_json(item):
+            stats.files_skipped += 1
+            continue
+        if on_file is not None and not on_file(item):
+            continue
+        stats.files += 1
+        path = item.display
+        for rec in read_records(item):
+            stats.records += 1
+            if isinstance(rec, Problem):
+                reject("rejected", rec.path, rec.line, rec.reason)
+                continue
+            value, line = rec
+            for ob in observations(value, line):
+                if isinstance(ob, Observation):
+                    add(ob, path)
+                else:
+                    reject(ob.category, path, ob.line, ob.reason, ob.key)
+
+
+def build_fold(
+    config: Config,
+    on_issue: IssueSink,
+    spill_threshold: int = 250_000,
+    mappings: list[FieldMapping] | None = None,
+) -> Fold:
+    """The fold for `config` (or for other mappings under its identifier and regulations)."""
+    return Fold(
+        FoldSchema.from_mappings(config.mappings if mappings is None else mappings),
+        config.identifier,
+        config.regulations,
+        on_issue,
+        spill_threshold=spill_threshold,
+    )
+
+
+class InputFilter:
+    """Skips inputs (files, or whole export partitions) unchanged since a sync recorded them."""
+
+    def __init__(self, store: StateStore, full: bool, config: Config):
+        self.store, self.full = store, full
+        # An input is "unchanged" only under the same mapping: a mapping change re-reads it.
+        self.config_hash = payload_hash(config.identity() | {"client_id": None, "instance": None})
+        self.units: dict[str, str] = {}
+        self.unchanged = 0
+        self._decided: dict[str, bool] = {}
+
+    def __call__(self, f: InputFile) -> bool:
+        # A partition is one unit only when it was walked whole; a file named on the command
+        # line is its own unit (else syncing one part would mark the whole partition done).
+        key = f.partition if f.walked and f.partition else str(f.path)
+        if key not in self._decided:
+            try:
+                identity = input_unit(f, whole_partition=f.walked)
+            except OSError:
+                return True  # unreadable: read_records reports it with its reason
+            if identity is None:
+                return True  # stdin: always read
+            unit, fingerprint = identity
+            fingerprint = f"{fingerprint}:{self.config_hash}"
+            self._decided[key] = self.full or not self.store.input_unchanged(unit, fingerprint)
+            self.units[unit] = fingerprint
+        if not self._decided[key]:
+            self.unchanged += 1
+        return self._decided[key]
