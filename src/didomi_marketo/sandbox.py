@@ -42,6 +42,13 @@ MAX_BODY_BYTES = 1_048_576  # Marketo answers HTTP 413 above 1 MB
 MAX_URI_BYTES = 8192  # ... and HTTP 414 above 8 KB
 MAX_BATCH = 300
 MAX_FILTER_RESULTS = 1000
+# Adobe's filterType list for standard fields (SW-MAPI); custom fields: see _searchable.
+SEARCHABLE_STANDARD = frozenset(
+    {
+        "id", "cookies", "email", "twitterId", "facebookId", "linkedInId", "sfdcAccountId",
+        "sfdcContactId", "sfdcLeadId", "sfdcLeadOwnerId", "sfdcOpptyId", "leadPartitionId",
+    }
+)  # fmt: skip
 JSON_TYPE = "application/json;charset=UTF-8"
 SCOPE = "apiuser@sandbox.local"
 TOKEN_PATH = "/identity/oauth/token"
@@ -490,6 +497,11 @@ class MarketoSandbox:
             for f in self._describe
             if "rest" in f
         }
+        # Custom fields: describe ids from 795 on (the recorded instance's test fields and the
+        # sample's didomi* fields), except the standard `ecids`.
+        self._custom = {f["rest"]["name"] for f in self._describe if "rest" in f and f["id"] >= 795} - {
+            "ecids"
+        }
         self._store = _Store(self.config.next_id)
         self._routes = self._route_table()
         if self.config.leads_file:
@@ -517,6 +529,8 @@ class MarketoSandbox:
                 "identity_calls",
                 "sync_calls",
                 "delete_calls",
+                "get_leads_calls",
+                "get_leads_post_calls",
                 "describe_calls",
                 "max_in_flight_seen",
                 "rate_limited",
@@ -682,20 +696,22 @@ class MarketoSandbox:
     # ---- admin -------------------------------------------------------------------------------
 
     def _admin(self, method: str, path: str, body: bytes) -> _Resp:
-        routes: dict[str, tuple[str, Callable[[], Any]]] = {
-            "/_sandbox/leads": ("GET", self.leads),
-            "/_sandbox/stats": ("GET", self.stats),
-            "/_sandbox/faults": ("POST", lambda: self._admin_faults(body)),
-            "/_sandbox/reset-quota": ("POST", lambda: _ok_after(self.reset_quota)),
-            "/_sandbox/expire-tokens": ("POST", lambda: _ok_after(self.expire_tokens)),
+        routes: dict[str, dict[str, Callable[[], Any]]] = {
+            "/_sandbox/leads": {"GET": self.leads, "PATCH": lambda: self.edit_leads(orjson.loads(body))},
+            "/_sandbox/stats": {"GET": self.stats},
+            "/_sandbox/faults": {"POST": lambda: self._admin_faults(body)},
+            "/_sandbox/reset-quota": {"POST": lambda: _ok_after(self.reset_quota)},
+            "/_sandbox/expire-tokens": {"POST": lambda: _ok_after(self.expire_tokens)},
         }
         route = routes.get(path)
         if route is None:
             return _json(404, {"error": f"unknown sandbox endpoint {path}"})
-        if method != route[0]:
-            return _json(405, {"error": f"use {route[0]} for {path}"})
+        if method not in route:
+            return _json(405, {"error": f"use {' or '.join(route)} for {path}"})
         try:
-            return _json(200, route[1]())
+            return _json(200, route[method]())
+        except orjson.JSONDecodeError as exc:
+            return _json(400, {"error": f"the body is not JSON: {exc}"})
         except (ValueError, TypeError, KeyError) as exc:
             return _json(400, {"error": str(exc)})
 
@@ -1101,21 +1117,29 @@ class MarketoSandbox:
         return self._ok(results)
 
     # ---- Get Leads by filter type ------------------------------------------------------------
+    # Adobe (leads.md "Query"): `filterValues` takes up to 300 values; more than 1,000 matching
+    # leads is 1003 "Too many results match the filter"; a URI over 8 KB is HTTP 414, so long
+    # queries are sent as POST ?_method=GET with the query string as a form body. `filterType`
+    # takes the searchable standard fields and custom fields of type string, email or integer;
+    # another standard field is 1011 "Field '%s' not supported" (error-codes.md).
 
     def _get_leads(self, call: _Call, dry_run: bool) -> _Resp:
         params = dict(call.query)
-        if (
-            call.method == "GET"
-            and call.body
-            and _media_type(call.headers) == ("application/x-www-form-urlencoded")
-        ):  # POST ?_method=GET with the parameters in a form body (for long URIs)
+        via_post = call.body and _media_type(call.headers) == "application/x-www-form-urlencoded"
+        if via_post:  # POST ?_method=GET with the parameters in a form body (for long URIs)
             for k, v in parse_qs(call.body.decode("utf-8", "replace")).items():
                 params.setdefault(k, v)
+        with self._lock:
+            self._counters["get_leads_calls"] += 1
+            self._counters["get_leads_post_calls"] += bool(via_post)
         filter_type = _q(params, "filterType")
         if not filter_type:
             return self._error("1003", "filterType not specified")
-        if filter_type not in self._fields:
+        meta = self._fields.get(filter_type)
+        if meta is None:
             return self._error("1003", f"Invalid filterType '{filter_type}'")
+        if not self._searchable(meta):
+            return self._error("1011", f"Field '{filter_type}' not supported")
         values = [v.strip() for v in (_q(params, "filterValues") or "").split(",") if v.strip()]
         if not values:
             return self._error("1003", "filterValues not specified")
@@ -1154,6 +1178,55 @@ class MarketoSandbox:
             rows = [{n: store.leads[lid].get(n) for n in names} for lid in ordered[offset : offset + batch]]
         extra = {"nextPageToken": f"SB{offset + batch}"} if offset + batch < len(ordered) else {}
         return self._ok(rows, **extra)
+
+    def _searchable(self, meta: _FieldMeta) -> bool:
+        return meta.name in SEARCHABLE_STANDARD or (
+            meta.name in self._custom and meta.data_type in ("string", "email", "integer")
+        )
+
+    # ---- Editing leads behind the tool's back (PATCH /_sandbox/leads) ------------------------
+    # What a form fill, a list import or a marketer's hand edit does to a lead: tests and the
+    # demo use it to make Marketo drift from what the tool sent (see `reconcile`).
+
+    def edit_leads(self, edits: Any) -> dict[str, Any]:
+        """Apply `[{"email"|"id": X, "set": {field: value|null}} | {"email"|"id": X, "delete": true}]`.
+
+        Values are stored as given (null blanks a field) and `updatedAt` moves, as for any edit.
+        Every edit is checked before any is applied: an unknown field changes nothing.
+        """
+        if not isinstance(edits, list):
+            raise ValueError('expected a JSON array of {"email" or "id", "set" or "delete"}')
+        plan: list[tuple[str, Any, dict[str, Any] | None]] = []
+        for i, edit in enumerate(edits):
+            if not isinstance(edit, dict):
+                raise ValueError(f"edit {i}: expected an object")
+            by = "id" if "id" in edit else "email"
+            if edit.get(by) is None:
+                raise ValueError(f'edit {i}: name the lead by "email" or "id"')
+            changes = edit.get("set")
+            if edit.get("delete") is True:
+                plan.append((by, edit[by], None))
+                continue
+            if not isinstance(changes, dict) or not changes:
+                raise ValueError(f'edit {i}: expected "set": {{field: value}} or "delete": true')
+            unknown = [n for n in changes if n not in self._fields or n == "id"]
+            if unknown:
+                raise ValueError(f"edit {i}: field {unknown[0]!r} not found (or not editable)")
+            plan.append((by, edit[by], changes))
+        out: dict[str, Any] = {"updated": 0, "deleted": 0, "not_found": []}
+        now = _now_iso()
+        with self._lock:
+            for by, value, changes in plan:
+                ids = self._store.find(by, value)
+                if not ids:
+                    out["not_found"].append(value)
+                for lid in ids:
+                    if changes is None:
+                        out["deleted"] += self._store.delete(lid)
+                    else:
+                        self._store.update(lid, changes, now)
+                        out["updated"] += 1
+        return out
 
     # ---- describe and usage ------------------------------------------------------------------
 
