@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -157,10 +158,12 @@ class MarketoClient:
         json: Any = None,
         body: bytes | None = None,
         params: dict[str, Any] | None = None,
+        form: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """One REST call. Returns the body when `success` is true; raises CallFailed otherwise.
 
-        `body` is JSON already encoded (the engine encodes a batch before taking a call slot).
+        `body` is JSON already encoded (the engine encodes a batch before taking a call slot);
+        `form` is sent url-encoded (Marketo's `POST ?_method=GET` for queries over 8 KB).
         """
         token = await self.token()
         headers = {"Authorization": f"Bearer {token}"}
@@ -169,6 +172,9 @@ class MarketoClient:
             content = orjson.dumps(json)
         if content is not None:
             headers["Content-Type"] = "application/json"
+        elif form is not None:
+            content = urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
         self.recent_calls.append(self.clock.now())
         try:
             resp = await self._http.request(method, path, params=params, content=content, headers=headers)
