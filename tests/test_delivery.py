@@ -79,7 +79,7 @@ def test_transient_failures_are_retried_until_every_lead_lands(sandbox_factory, 
     result, rep = sync(tmp_path, sb, 700)
     assert result.exit_code == 0, result.summary
     assert_all_right(sb, 700)
-    d = result.summary["delivery"]
+    d = result.summary.to_json()["delivery"]
     assert d["updated"] == 700 and d["failed"] == 0 and d["retries"] >= 3
     assert sb.stats()["faults_injected"] == 3
     assert undelivered(rep) == []
@@ -94,7 +94,7 @@ def test_failure_after_apply_is_resent_and_creates_no_duplicates(sandbox_factory
     assert result.exit_code == 0
     assert len(sb.leads()) == 400  # createOrUpdate by email: a resent create updates
     assert_all_right(sb, 400)
-    d = result.summary["delivery"]
+    d = result.summary.to_json()["delivery"]
     assert d["created"] + d["updated"] == 400 and d["updated"] >= 1
 
 
@@ -115,7 +115,7 @@ def test_injected_token_errors_reauthenticate(sandbox_factory, tmp_path):
     sb.inject("code:602", times=1)
     result, _ = sync(tmp_path, sb, 10)
     assert result.exit_code == 0
-    assert result.summary["delivery"]["reauths"] == 2
+    assert result.summary.to_json()["delivery"]["reauths"] == 2
     assert_all_right(sb, 10)
 
 
@@ -126,7 +126,7 @@ def test_persistent_outage_gives_up_after_five_minutes_then_retry_finishes(sandb
     clock = FastClock()
     result, rep = sync(tmp_path, sb, 50, clock=clock)
     assert result.exit_code == 1
-    d = result.summary["delivery"]
+    d = result.summary.to_json()["delivery"]
     assert d["failed"] == 50 and d["failed_retryable"] == 50
     assert d["retries"] >= 5 and d["backoff_seconds"] >= 300  # Didomi's promise: 5 tries in 5 min
     assert d["backoff_seconds"] < 600
@@ -179,7 +179,7 @@ def test_413_splits_the_batch(sandbox_factory, tmp_path):
     sb.inject("http:413", times=1)
     result, _ = sync(tmp_path, sb, 300)
     assert result.exit_code == 0
-    assert result.summary["delivery"]["splits"] == 1
+    assert result.summary.to_json()["delivery"]["splits"] == 1
     assert sorted(sb.stats()["sync_batch_sizes"]) == [150, 150]
     assert_all_right(sb, 300)
 

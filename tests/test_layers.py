@@ -77,3 +77,21 @@ def test_the_layers_contract_holds():
     root = PACKAGE.parent.parent
     done = subprocess.run([str(lint_imports)], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_one_summary_feeds_the_report_and_the_json_log(tmp_path, sandbox):
+    """summary.json and the JSON log's `end` event come from the same RunSummary.to_json()."""
+    import json
+
+    from conftest import SAMPLES, make_config, run_subprocess
+
+    config = make_config(tmp_path, sandbox, upsert_mode=True)
+    result = run_subprocess(
+        "sync", SAMPLES / "didomi", "--config", config, "--report", tmp_path / "r", "--log-format", "json",
+        "--quiet",
+    )  # fmt: skip
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    end = [e for e in events if e.get("event") == "end"]
+    assert end, result.stderr
+    assert end[-1]["summary"] == json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert end[-1]["summary"]["mode"] == "sync" and end[-1]["summary"]["delivery"]["sent"] > 0

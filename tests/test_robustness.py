@@ -69,7 +69,7 @@ def test_a_failing_sink_stops_the_run_instead_of_hanging(sandbox_factory, tmp_pa
                       credentials=config.credentials(), sinks=[FailingSink()])  # fmt: skip
     assert time.monotonic() - started < 30
     assert result.exit_code == 3 and "No space left on device" in result.fatal
-    d = result.summary["delivery"]
+    d = result.summary.to_json()["delivery"]
     assert d["failed"] == 200 and d["failed_retryable"] == 200  # every lead accounted for
 
 

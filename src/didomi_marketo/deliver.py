@@ -18,7 +18,17 @@ import orjson
 from didomi_marketo.config import DeliverySettings
 from didomi_marketo.errors import AuthError
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Stopped
-from didomi_marketo.marketo.codes import QUOTA_RESET_NOTE, Action, describe, is_expected_skip
+from didomi_marketo.marketo.codes import (
+    AUTH,
+    INTERNAL,
+    QUOTA_RESET_NOTE,
+    RESULT_MISMATCH,
+    STOPPED,
+    UNKNOWN_STATUS,
+    Action,
+    describe,
+    is_expected_skip,
+)
 from didomi_marketo.marketo.limiter import Clock, Limiter, RealClock
 from didomi_marketo.outcomes import LeadOutcome, LeadUpdate, OutcomeSink
 
@@ -148,7 +158,7 @@ class Engine:
                 # foresee: stop the run, and keep draining so every batch gets an outcome.
                 why = f"delivery stopped by an unexpected error: {type(e).__name__}: {e}"
                 self.stop(why, fatal=why)
-                undelivered = self._undelivered(batch, "internal", why)
+                undelivered = self._undelivered(batch, INTERNAL, why)
                 try:
                     self._finish(batch, undelivered)
                 except Exception:  # noqa: BLE001 - the sink is what failed: count them at least
@@ -167,7 +177,7 @@ class Engine:
 
     async def _deliver(self, batch: list[LeadUpdate]) -> None:
         if self.stats.stop_reason:
-            self._finish(batch, self._undelivered(batch, "stopped", self.stats.stop_reason))
+            self._finish(batch, self._undelivered(batch, STOPPED, self.stats.stop_reason))
             return
         try:
             results = await self.policy.run(lambda: self._send(batch), lambda: self.stats.stop_reason)
@@ -175,10 +185,10 @@ class Engine:
             note = " (Marketo may have applied it: resending is safe)" if e.last.maybe_applied else ""
             self._finish(batch, self._undelivered(batch, e.last.code, f"{e}{note}"))
         except Stopped as e:
-            self._finish(batch, self._undelivered(batch, "stopped", str(e)))
+            self._finish(batch, self._undelivered(batch, STOPPED, str(e)))
         except AuthError as e:
             self.stop(str(e), fatal=str(e))
-            self._finish(batch, self._undelivered(batch, "auth", str(e)))
+            self._finish(batch, self._undelivered(batch, AUTH, str(e)))
         except CallFailed as e:
             action = e.action
             if action is Action.SPLIT and len(batch) > 1:
@@ -231,7 +241,7 @@ class Engine:
         if not isinstance(results, list) or len(results) != len(batch):
             got = len(results) if isinstance(results, list) else "no"
             raise CallFailed(
-                "result_mismatch",
+                RESULT_MISMATCH,
                 f"Marketo answered {got} results for {len(batch)} leads; not counted as delivered",
                 maybe_applied=True,
             )
@@ -266,7 +276,7 @@ class Engine:
             else:
                 out.append(
                     LeadOutcome(
-                        u.key, u.payload, u.source, "failed", "unknown_status",
+                        u.key, u.payload, u.source, "failed", UNKNOWN_STATUS,
                         f"Marketo answered status {status!r}", retryable=True, stamps=u.stamps,
                     )
                 )  # fmt: skip
@@ -291,7 +301,7 @@ class Engine:
     def _count(self, outcomes: list[LeadOutcome]) -> None:
         stats = self.stats
         for o in outcomes:
-            if o.code != "stopped":
+            if o.code != STOPPED:
                 stats.sent += 1
             if o.status == "created":
                 stats.created += 1

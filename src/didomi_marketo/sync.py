@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,7 +20,7 @@ import orjson
 from didomi_marketo.check import BLOCKING_KINDS, schema_problems
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
 from didomi_marketo.deliver import DeliveryStats, Engine
-from didomi_marketo.didomi.fold import Fold, FoldSchema, format_timestamp
+from didomi_marketo.didomi.fold import FoldSchema
 from didomi_marketo.errors import ConfigError, FatalError
 from didomi_marketo.inputs import InputFilter, InputStats, build_fold, read_into
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
@@ -28,9 +28,10 @@ from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock
 from didomi_marketo.marketo.schema import fetch_schema
 from didomi_marketo.outcomes import LeadOutcome, LeadUpdate
-from didomi_marketo.plan import Planner, PlanStats
+from didomi_marketo.plan import Planner
 from didomi_marketo.report import Report, read_retryable
 from didomi_marketo.state import StateLock, StateStore
+from didomi_marketo.summary import RunSummary, exit_code
 
 SAMPLES = 3
 
@@ -48,12 +49,11 @@ class SyncOptions:
     full: bool = False  # ignore the state for this run (and refresh it)
     wait_lock: float = 0.0  # seconds to wait for another run holding the state lock
     check_schema: bool = True  # refuse to send when a mapped field is missing or read-only
-    earlier_calls: list[float] = field(default_factory=list)  # REST calls before delivery (window)
 
 
 @dataclass
 class RunResult:
-    summary: dict[str, Any]
+    summary: RunSummary
     exit_code: int
     samples: list[dict[str, Any]]
     fatal: str | None = None
@@ -89,12 +89,16 @@ def run_sync(
     clock: Clock | None = None,
     on_progress: Callable[[str, int, int | None], None] | None = None,
     sinks: list[Any] | None = None,
-    warnings: list[str] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Run one sync (or dry run). Never raises for bad input: it is counted and reported."""
+    """Run one sync (or dry run). Never raises for bad input: it is counted and reported.
+
+    `on_warning` sees each warning the moment it is found (the CLI prints it before a long run);
+    all of them also come back in `RunResult.warnings`."""
     started = time.time()
     input_stats = InputStats()
-    warnings = [] if warnings is None else warnings  # the CLI passes a list that prints at once
+    warnings, warn = _warnings(on_warning)
+    earlier_calls: list[float] = []
     with _open_state(options) as store:
         fold = build_fold(config, report.issue, options.spill_threshold)
         if store is not None and credentials is not None and not options.dry_run:
@@ -103,8 +107,8 @@ def run_sync(
             if not options.dry_run:
                 assert credentials is not None
                 # Fail fast on bad credentials before reading gigabytes of input.
-                options.earlier_calls = asyncio.run(
-                    _preflight(credentials, config, store, options.check_schema, warnings)
+                earlier_calls = asyncio.run(
+                    _preflight(credentials, config, store, options.check_schema, warn)
                 )
             inputs = InputFilter(store, options.full, config) if store is not None else None
             read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs)
@@ -117,7 +121,7 @@ def run_sync(
             try:
                 tee = _Tee(planner.plan(fold.leads()), output)
                 delivery = _send(config, credentials, options, tee, report, store, sinks, clock,
-                                 on_progress, folded, warnings)  # fmt: skip
+                                 on_progress, folded, warn, earlier_calls)  # fmt: skip
                 if delivery is not None and inputs is not None:
                     # Every lead of these inputs is now confirmed, skipped or pending in the
                     # state: the next sync may skip them while they stay unchanged.
@@ -127,13 +131,26 @@ def run_sync(
                     output.close()
         finally:
             fold.close()
-    summary = summarise(
-        config, options, input_stats, fold, planner.stats, delivery, started, planner.stats.leads
-    )
-    code = exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused))
-    summary["exit_code"] = code
-    report.finish(summary)
-    return RunResult(summary, code, tee.samples, delivery.fatal if delivery else None, warnings)
+    summary = RunSummary(
+        "dry-run" if options.dry_run else "sync", started, time.time(), config.identity(), planner.stats,
+        exit_code=exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused)),
+        inputs=input_stats, fold=fold.stats, leads_folded=planner.stats.leads, delivery=delivery,
+    )  # fmt: skip
+    report.finish(summary.to_json())
+    fatal = delivery.fatal if delivery else None
+    return RunResult(summary, summary.exit_code, tee.samples, fatal, warnings)
+
+
+def _warnings(on_warning: Callable[[str], None] | None) -> tuple[list[str], Callable[[str], None]]:
+    """A list that collects warnings, and the callback that adds to it and passes each on."""
+    found: list[str] = []
+
+    def warn(message: str) -> None:
+        found.append(message)
+        if on_warning is not None:
+            on_warning(message)
+
+    return found, warn
 
 
 def _open_output(path: str | None) -> IO[bytes] | None:
@@ -177,7 +194,7 @@ def _open_state(options: SyncOptions) -> Iterator[StateStore | None]:
 def _send(config: Config, credentials: Credentials | None, options: SyncOptions, updates: Iterable[LeadUpdate],
           report: Report, store: StateStore | None, sinks: list[Any] | None, clock: Clock | None,
           on_progress: Callable[[str, int, int | None], None] | None, expected: int,
-          warnings: list[str]) -> DeliveryStats | None:  # fmt: skip
+          warn: Callable[[str], None], earlier_calls: list[float]) -> DeliveryStats | None:  # fmt: skip
     """Deliver the updates (outcomes to the report, the state and `sinks`), or just drain them."""
     if options.dry_run:
         for _ in updates:
@@ -187,7 +204,17 @@ def _send(config: Config, credentials: Credentials | None, options: SyncOptions,
     all_sinks = [*(sinks or []), *([store] if store is not None else [])]
     return asyncio.run(
         _deliver(
-            config, credentials, options, updates, report, all_sinks, clock, on_progress, expected, warnings
+            config,
+            credentials,
+            options,
+            updates,
+            report,
+            all_sinks,
+            clock,
+            on_progress,
+            expected,
+            warn,
+            earlier_calls,
         )  # fmt: skip
     )
 
@@ -197,7 +224,7 @@ SCHEMA_MAX_AGE = 24 * 3600.0  # Adobe: cache describe results for about a day
 
 
 async def _preflight(credentials: Credentials, config: Config, store: StateStore | None,
-                     check_schema: bool, warnings: list[str]) -> list[float]:  # fmt: skip
+                     check_schema: bool, warn: Callable[[str], None]) -> list[float]:  # fmt: skip
     """Before reading any input: the credentials work, and every mapped field exists in Marketo
     and is writable (instead of collecting thousands of 1006 skips). Raises Fatal/ConfigError.
     Returns when its REST calls started, for the delivery limiter's window."""
@@ -219,7 +246,7 @@ async def _preflight(credentials: Credentials, config: Config, store: StateStore
             try:
                 fields = await fetch_schema(client)
             except FatalError as e:
-                warnings.append(f"schema check skipped: {e}")
+                warn(f"schema check skipped: {e}")
                 return list(calls)
             if store is not None:
                 store.cache(SCHEMA_CACHE, fields)
@@ -227,7 +254,9 @@ async def _preflight(credentials: Credentials, config: Config, store: StateStore
     # Refuse only what Marketo would skip for every lead (missing or read-only field); a type
     # doubt is a warning here and a finding of `check`.
     errors = [p for p in problems if p.kind in BLOCKING_KINDS]
-    warnings.extend(f"{p.where + ': ' if p.where else ''}{p.message}" for p in problems if p not in errors)
+    for p in problems:
+        if p not in errors:
+            warn(f"{p.where + ': ' if p.where else ''}{p.message}")
     if errors:
         raise ConfigError(
             [f"{p.where + ': ' if p.where else ''}{p.message}" for p in errors]
@@ -246,7 +275,7 @@ class _Fanout:
 
 
 async def _deliver(config, credentials, options, updates, report, sinks, clock, on_progress,
-                   folded, warnings) -> DeliveryStats:  # fmt: skip
+                   folded, warn, earlier_calls) -> DeliveryStats:  # fmt: skip
     settings = config.delivery
     async with MarketoClient(
         credentials, timeout=settings.timeout, max_connections=settings.max_concurrency, clock=clock
@@ -255,7 +284,7 @@ async def _deliver(config, credentials, options, updates, report, sinks, clock, 
         if expected_calls >= 50:
             warning = await _quota_warning(client, expected_calls, options.daily_quota)
             if warning:
-                warnings.append(warning)
+                warn(warning)
         progress = None
         if on_progress is not None:
             done = 0
@@ -274,7 +303,7 @@ async def _deliver(config, credentials, options, updates, report, sinks, clock, 
             clock=clock,
             on_progress=progress,
             window_seconds=options.rate_window,
-            earlier_calls=options.earlier_calls,
+            earlier_calls=earlier_calls,
         )
         # Ctrl-C or SIGTERM (systemd, a cron timeout): stop cleanly, once. Calls in flight finish,
         # every other lead is reported retryable, the summary is written; a second signal kills.
@@ -318,100 +347,6 @@ async def _quota_warning(client: MarketoClient, calls: int, quota: int) -> str |
 
 
 # ---------------------------------------------------------------------------------------------
-# summary and exit code
-
-
-def exit_code(delivery: DeliveryStats | None, rejected_input: bool = False) -> int:
-    """3 aborted; 1 rejected input or leads failed/skipped unexpectedly; else 0."""
-    if delivery is not None and delivery.fatal:
-        return 3
-    if rejected_input:
-        return 1
-    if delivery is not None and (delivery.failed or delivery.unexpected_skips):
-        return 1
-    return 0
-
-
-def _iso(t: float) -> str:
-    return format_timestamp(round(t))
-
-
-def summarise(config: Config, options: SyncOptions, inputs: InputStats, fold: Fold,
-              plan: PlanStats, delivery: DeliveryStats | None, started: float,
-              folded: int) -> dict[str, Any]:  # fmt: skip
-    fs = fold.stats
-    fields = {}
-    for name, counter in plan.fields.items():
-        fields[name] = {
-            "true": counter.get("true", 0),
-            "false": counter.get("false", 0),
-            "other": counter.get("other", 0),
-            "absent": plan.to_send - sum(counter.values()),
-        }
-    summary: dict[str, Any] = {
-        "mode": "dry-run" if options.dry_run else "sync",
-        "started_at": _iso(started),
-        "finished_at": _iso(time.time()),
-        "duration_seconds": round(time.time() - started, 3),
-        "config": config.identity(),
-        "input": {
-            "files": inputs.files,
-            "files_skipped": inputs.files_skipped,
-            "files_unchanged": inputs.files_unchanged,
-            "partitions_refused": inputs.partitions_refused,
-            "records": inputs.records,
-            "observations": fs.observations,
-            "user_statuses": fs.user_statuses,
-            "events": fs.events,
-            "applied": fs.applied,
-            "rejected": fs.rejected,
-            "ignored": {
-                "anonymous": fs.anonymous,
-                "pending": fs.pending,
-                "other_regulation": fs.other_regulation,
-                "deleted": fs.deleted,
-            },
-        },
-        "leads": {
-            "folded": folded,
-            "nothing_to_send": plan.nothing_to_send,
-            "unchanged": plan.unchanged,
-            "pending_resent": plan.pending_resent,
-            "kept_newer_fields": plan.kept_newer,
-            "to_send": plan.to_send,
-        },
-        "fields": fields,
-    }
-    if delivery is not None:
-        summary["delivery"] = delivery_summary(delivery)
-    return summary
-
-
-def delivery_summary(d: DeliveryStats) -> dict[str, Any]:
-    return {
-        "sent": d.sent,
-        "created": d.created,
-        "updated": d.updated,
-        "skipped": dict(sorted(d.skipped.items())),
-        "expected_skips": d.expected_skips,
-        "failed": d.failed,
-        "failed_retryable": d.failed_retryable,
-        "calls": d.calls,
-        "batches": d.batches,
-        "splits": d.splits,
-        "retries": d.retries,
-        "reauths": d.reauths,
-        "backoff_seconds": round(d.backoff_seconds, 3),
-        "rate_limited_606": d.rate_limited,
-        "concurrency_limited_615": d.concurrency_limited,
-        "max_in_flight": d.max_in_flight,
-        "delivery_seconds": round(d.delivery_seconds, 3),
-        "leads_per_second": round(d.leads_per_second, 1),
-        "stop_reason": d.stop_reason,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # retry: start at `deliver` from a report
 
 
@@ -426,16 +361,15 @@ def run_retry(
     options: SyncOptions | None = None,
     on_progress: Callable[[str, int, int | None], None] | None = None,
     sinks: list[Any] | None = None,
-    warnings: list[str] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Re-send exactly the retryable leads of an earlier report, with the same engine."""
-    options = options or SyncOptions(paths=[])
-    options.dry_run = options.dry_run or dry_run
+    options = replace(options or SyncOptions(paths=[]), dry_run=dry_run or bool(options and options.dry_run))
     started = time.time()
-    warnings = [] if warnings is None else warnings
+    warnings, warn = _warnings(on_warning)
     updates = [
         LeadUpdate(r["key"], r["payload"], r.get("source", ""), r.get("stamps") or {})
-        for r in read_retryable(report_dir, warnings.append)
+        for r in read_retryable(report_dir, warn)
     ]
     mismatched = [u.key for u in updates if config.lookup_field not in u.payload]
     if mismatched:
@@ -457,22 +391,12 @@ def run_retry(
         planner.pending = set()  # retry sends the report's leads, not the state's other pending ones
         tee = _Tee(planner.reconcile(updates), None)
         delivery = _send(config, credentials, options, tee, report, store, sinks, clock, on_progress,
-                         len(updates), warnings)  # fmt: skip
-    summary: dict[str, Any] = {
-        "mode": "retry-dry-run" if dry_run else "retry",
-        "from_report": str(report_dir),
-        "started_at": _iso(started),
-        "finished_at": _iso(time.time()),
-        "config": config.identity(),
-        "leads": {
-            "retryable": len(updates),
-            "unchanged": planner.stats.unchanged,
-            "to_send": planner.stats.to_send,
-        },
-    }
-    if delivery is not None:
-        summary["delivery"] = delivery_summary(delivery)
-    code = exit_code(delivery)
-    summary["exit_code"] = code
-    report.finish(summary)
-    return RunResult(summary, code, tee.samples, delivery.fatal if delivery else None, warnings)
+                         len(updates), warn, [])  # fmt: skip
+    summary = RunSummary(
+        "retry-dry-run" if options.dry_run else "retry", started, time.time(), config.identity(),
+        planner.stats, exit_code=exit_code(delivery), delivery=delivery, from_report=str(report_dir),
+        retryable=len(updates),
+    )  # fmt: skip
+    report.finish(summary.to_json())
+    fatal = delivery.fatal if delivery else None
+    return RunResult(summary, summary.exit_code, tee.samples, fatal, warnings)

@@ -146,20 +146,17 @@ class ProgressBar:
             self.bar.update(self.task, completed=done, total=total)
 
 
-class LiveWarnings(list):
+def print_warning(warning: str) -> None:
     """Warnings are printed the moment the library finds them (before a long run, not after)."""
-
-    def append(self, warning: str) -> None:
-        say("warning", warning)
-        super().append(warning)
+    say("warning", warning)
 
 
 def finish(result: RunResult, quiet: bool) -> None:
     if not quiet:
-        if "input" in result.summary:
-            print_summary(out, result.summary, result.samples)
+        if not result.summary.is_retry:
+            print_summary(out, result.summary.to_json(), result.samples)
         else:
-            out.print_json(orjson.dumps(result.summary).decode())
+            out.print_json(orjson.dumps(result.summary.to_json()).decode())
     if result.fatal:
         say("error", result.fatal)
     raise typer.Exit(result.exit_code)

@@ -10,7 +10,6 @@ import typer
 from didomi_marketo.cli.common import (
     AllowIncompleteOpt,
     ConfigOpt,
-    LiveWarnings,
     LogFormatOpt,
     PathsArg,
     ProgressBar,
@@ -23,6 +22,7 @@ from didomi_marketo.cli.common import (
     finish,
     load_config_with,
     make_report,
+    print_warning,
     run_log,
     with_delivery,
 )
@@ -97,7 +97,7 @@ def sync(
     with ProgressBar(not quiet and log.is_text) as progress:
         result = run_sync(
             cfg, options, rep, credentials=credentials, on_progress=log.progress(progress.update),
-            warnings=LiveWarnings(),
+            on_warning=print_warning,
         )  # fmt: skip
     if rep.unshown and not verbose:
         err.print(
@@ -105,7 +105,7 @@ def sync(
             + (f" (see {report}/rejected.ndjson)" if report else " (use --report DIR to list them all)"),
             markup=False,
         )
-    log.event("end", summary=result.summary)
+    log.event("end", summary=result.summary.to_json())
     finish(result, quiet)
 
 
@@ -140,7 +140,7 @@ def retry(
     with ProgressBar(not quiet) as progress:
         result = run_retry(
             cfg, str(report_dir), make_report(report, False), dry_run=dry_run,
-            credentials=credentials, options=options, on_progress=progress.update, warnings=LiveWarnings(),
+            credentials=credentials, options=options, on_progress=progress.update, on_warning=print_warning,
         )  # fmt: skip
     finish(result, quiet)
 

@@ -19,7 +19,15 @@ import orjson
 
 from didomi_marketo import __version__
 from didomi_marketo.errors import AuthError
-from didomi_marketo.marketo.codes import Action, describe, request_action
+from didomi_marketo.marketo.codes import (
+    NETWORK,
+    TIMEOUT,
+    UNKNOWN_ERROR,
+    UNREADABLE,
+    Action,
+    describe,
+    request_action,
+)
 from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock, RealClock
 
@@ -122,7 +130,7 @@ class MarketoClient:
             try:
                 resp = await self._http.get(TOKEN_PATH, params=params)
             except httpx.HTTPError as e:
-                raise CallFailed("network", f"{TOKEN_PATH}: {_transport_reason(e)}") from None
+                raise CallFailed(NETWORK, f"{TOKEN_PATH}: {_transport_reason(e)}") from None
             if resp.status_code == 401:
                 raise AuthError(
                     f"Marketo refused the client credentials (HTTP 401 at {TOKEN_PATH}); "
@@ -135,7 +143,7 @@ class MarketoClient:
                 value = body["access_token"]
                 expires_in = float(body.get("expires_in", 0))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise CallFailed("unreadable", f"{TOKEN_PATH} answered an unreadable body") from None
+                raise CallFailed(UNREADABLE, f"{TOKEN_PATH} answered an unreadable body") from None
             if expires_in >= 1:
                 # Renew a little before Marketo would expire it: 10% of its life, at most 60 s.
                 margin = min(60.0, expires_in * 0.1)
@@ -179,9 +187,9 @@ class MarketoClient:
         try:
             resp = await self._http.request(method, path, params=params, content=content, headers=headers)
         except httpx.TimeoutException as e:
-            raise CallFailed("timeout", f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
+            raise CallFailed(TIMEOUT, f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
         except httpx.HTTPError as e:
-            raise CallFailed("network", f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
+            raise CallFailed(NETWORK, f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
         if resp.status_code != 200:
             raise CallFailed(
                 f"http:{resp.status_code}",
@@ -192,15 +200,18 @@ class MarketoClient:
             body = orjson.loads(resp.content)
         except orjson.JSONDecodeError:
             raise CallFailed(
-                "unreadable", f"{path} answered a body that is not JSON", maybe_applied=True
+                UNREADABLE, f"{path} answered a body that is not JSON", maybe_applied=True
             ) from None
         if not isinstance(body, dict):
-            raise CallFailed("unreadable", f"{path} answered JSON that is not an object", maybe_applied=True)
+            raise CallFailed(UNREADABLE, f"{path} answered JSON that is not an object", maybe_applied=True)
         if body.get("success") is not True:
             errors = body.get("errors")
             first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
-            code = str(first.get("code", "unknown"))
-            failure = CallFailed(code, str(first.get("message", "")) or describe(code))
+            code = str(first.get("code", ""))
+            message = str(first.get("message", "")) or describe(code)
+            if not code.isdigit():  # Marketo's codes are numbers; anything else is one row
+                code, message = UNKNOWN_ERROR, f"success:false with code {code or 'none'!r}: {message}"
+            failure = CallFailed(code, message)
             if failure.action is Action.REAUTH:
                 self.invalidate(token)
             raise failure

@@ -17,7 +17,18 @@ class Action(Enum):
     SPLIT = "split"  # payload too large: split the batch and resend both halves
 
 
-# Request-level codes (HTTP status or `errors[].code` with success:false).
+# The client's own failure kinds (pseudo-codes in reports, beside Marketo's numeric codes).
+NETWORK = "network"
+TIMEOUT = "timeout"
+UNREADABLE = "unreadable"
+RESULT_MISMATCH = "result_mismatch"
+UNKNOWN_STATUS = "unknown_status"
+UNKNOWN_ERROR = "unknown"
+AUTH = "auth"
+STOPPED = "stopped"
+INTERNAL = "internal"
+
+# Request-level codes (HTTP status, `errors[].code` with success:false, or the client's own kind).
 REQUEST_CODES: dict[str, tuple[Action, str]] = {
     "601": (Action.REAUTH, "access token invalid: fetch a new one and resend"),
     "602": (Action.REAUTH, "access token expired: fetch a new one and resend"),
@@ -45,6 +56,16 @@ REQUEST_CODES: dict[str, tuple[Action, str]] = {
     "http:413": (Action.SPLIT, "request body over 1 MB: split and resend"),
     "http:414": (Action.SPLIT, "request URI over 8 KB"),
     "http:429": (Action.RETRY, "rate limited by a proxy in front of Marketo"),
+    # The client's own failure kinds: what went wrong before Marketo could answer with a code.
+    NETWORK: (Action.RETRY, "connection refused, reset or dropped: maybe applied, resent"),
+    TIMEOUT: (Action.RETRY, "no answer within the timeout: maybe applied, resent"),
+    UNREADABLE: (Action.RETRY, "an answer that is not a JSON object (a proxy's error page)"),
+    RESULT_MISMATCH: (Action.RETRY, "a `result` of the wrong length: not counted as delivered"),
+    UNKNOWN_STATUS: (Action.RETRY, "a lead's result with a status Marketo does not document"),
+    UNKNOWN_ERROR: (Action.RETRY, "success:false without a numeric code: transient until proven otherwise"),
+    AUTH: (Action.ABORT, "Marketo refused the client credentials at /identity"),
+    STOPPED: (Action.ABORT, "not sent: the run stopped first (quota, --max-calls, a signal)"),
+    INTERNAL: (Action.ABORT, "an error of ours (a sink that cannot write, a full disk): the run stops"),
 }
 
 # Lead-level codes in `result[i].reasons[]`: never retried within the run (the same payload
@@ -69,14 +90,17 @@ QUOTA_RESET_NOTE = "Marketo's daily quota resets at 12:00 AM US Central time"
 
 
 def request_action(code: str) -> Action:
-    """What to do with a request-level failure. Unknown 5xx and unknown codes are transient."""
+    """What to do with a request-level failure. Unknown 5xx and unknown Marketo (numeric) codes
+    are transient; any other unknown code is a bug here, not a reason to retry for 5 minutes."""
     if code in REQUEST_CODES:
         return REQUEST_CODES[code][0]
     if code.startswith("http:5"):
         return Action.RETRY  # 500/502/503/504: Adobe says retry 502 with backoff; so do clients
     if code.startswith("http:"):
         return Action.ABORT
-    return Action.RETRY
+    if code.isdigit():
+        return Action.RETRY  # a code Adobe added since: transient until proven otherwise
+    raise ValueError(f"failure kind {code!r} is not in marketo/codes.py")
 
 
 def describe(code: str) -> str:
