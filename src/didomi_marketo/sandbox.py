@@ -1,7 +1,7 @@
 """A local Marketo-compatible REST server for tests, demos and benchmarks.
 
 It mimics the parts of Marketo Engage this tool talks to -- Identity tokens, Sync Leads, Get Leads
-by filter type, describe/describe2, usage stats -- and the instance limits (sliding rate window,
+by filter type, describe/describe2, usage stats, bulk lead import -- and the instance limits (sliding rate window,
 concurrency, daily quota), with faults that can be injected on demand or at random. The behaviour
 follows recorded real traffic (tests/fixtures/marketo) and Adobe's docs; where Marketo's behaviour
 is unknown the choice is noted next to the code.
@@ -12,8 +12,12 @@ Only the standard library and orjson are used, so `didomi-marketo sandbox` runs 
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as dt
+import email.parser
+import email.policy
 import http.server
+import io
 import itertools
 import math
 import random
@@ -39,6 +43,9 @@ import orjson
 __all__ = ["FAULT_KINDS", "MarketoSandbox", "SandboxConfig", "serve_forever"]
 
 MAX_BODY_BYTES = 1_048_576  # Marketo answers HTTP 413 above 1 MB
+BULK_PREFIX = "/bulk/"
+MAX_BULK_FILE_BYTES = 10_485_760  # Adobe: a bulk import file must be under 10 MB
+MAX_BULK_BODY_BYTES = MAX_BULK_FILE_BYTES + 65_536  # the file plus the multipart envelope
 MAX_URI_BYTES = 8192  # ... and HTTP 414 above 8 KB
 MAX_BATCH = 300
 MAX_FILTER_RESULTS = 1000
@@ -91,6 +98,8 @@ _ERROR_TEXT = {
     "713": "Transient Error",
     "719": "Lock wait timeout exception",
     "1003": "Invalid data",
+    "1013": "Object not found",
+    "1016": "Too many imports",
     "1029": "Too many jobs in queue",
 }
 
@@ -108,6 +117,13 @@ class SandboxConfig:
     leads_file: str | None = None  # JSON array of lead objects to seed the store
     next_id: int = 1  # first id for created leads
     seed: int = 0  # for probabilistic faults
+    # Bulk import: a job waits at least bulk_queued_seconds in Queued, then imports for
+    # bulk_import_seconds plus its rows at bulk_rows_per_second (compress them for tests).
+    bulk_queued_seconds: float = 1.0
+    bulk_import_seconds: float = 2.0
+    bulk_rows_per_second: float = 100_000.0
+    bulk_max_queued: int = 10  # jobs queued, the importing ones included; beyond -> 1016
+    bulk_max_importing: int = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,6 +455,92 @@ class _Store:
 
 
 # --------------------------------------------------------------------------------------------
+# Bulk import jobs
+
+BULK_LEADS_PATH = "/bulk/v1/leads.json"
+_BULK_BATCH_RE = re.compile(r"/bulk/v1/leads/batch/(?P<id>\d{1,12})(?:/(?P<file>failures|warnings))?\.json")
+_BULK_DELIMITERS = {"csv": ",", "tsv": "\t", "ssv": ";"}
+
+
+@dataclass
+class _BulkJob:
+    lookup: str
+    fmt: str
+    header: list[str]
+    rows: list[list[str]]
+    fail_message: str | None = None  # the whole job fails (status Failed) with this message
+    batch_id: int = 0
+    list_id: str | None = None  # accepted; static lists are not modelled
+    partition: str | None = None  # accepted; partitions are not modelled
+    start: float = 0.0  # monotonic time it leaves Queued
+    finish: float = 0.0  # ... and ends Importing
+    applied: bool = False
+    processed: int = 0
+    failures: list[tuple[list[str], str]] = field(default_factory=list)
+    warnings: list[tuple[list[str], str]] = field(default_factory=list)
+
+    def message(self) -> str:
+        n = self.processed
+        text = f"Import succeeded, {n} records imported ({n} members)"
+        if self.failures:
+            text = f"Import completed with errors, {n} records imported ({n} members), {len(self.failures)} failed"
+        if self.warnings:
+            text += f", {len(self.warnings)} warning" + ("s" if len(self.warnings) > 1 else "")
+        return text + ("." if self.warnings else "")
+
+
+def _parse_bulk_file(data: bytes, fmt: str, lookup: str, fields: Mapping[str, _FieldMeta]) -> _BulkJob:
+    """The job for an uploaded file. A file Marketo could not import at all (not UTF-8, no header,
+    an unknown or read-only column, no lookup column) still makes a job, which ends Failed."""
+    job = _BulkJob(lookup, fmt, [], [])
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        job.fail_message = "Import failed: the file is not valid UTF-8"
+        return job
+    try:
+        table = list(csv.reader(io.StringIO(text, newline=""), delimiter=_BULK_DELIMITERS[fmt]))
+    except csv.Error as e:
+        job.fail_message = f"Import failed: unreadable file ({e})"
+        return job
+    if not table or not any(table[0]):
+        job.fail_message = "Import failed: the file has no header row"
+        return job
+    job.header = [h.strip() for h in table[0]]
+    job.rows = [row for row in table[1:] if row]
+    for name in job.header:
+        meta = fields.get(name)
+        if meta is None:
+            job.fail_message = f"Import failed: field '{name}' not found"
+        elif meta.read_only and name != "id":
+            job.fail_message = f"Import failed: field '{name}' is read only"
+        if job.fail_message:
+            return job
+    if lookup not in job.header:
+        job.fail_message = f"Import failed: the lookup field '{lookup}' is not a column of the file"
+    return job
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]] | None:
+    """multipart/form-data parts by name: (filename, bytes); None when the body is malformed."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    try:
+        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    except Exception:  # noqa: BLE001 - any parser failure is Marketo's 613
+        return None
+    if not msg.is_multipart() or msg.defects:
+        return None
+    parts: dict[str, tuple[str | None, bytes]] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            return None
+        payload = part.get_payload(decode=True)
+        parts[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return parts
+
+
+# --------------------------------------------------------------------------------------------
 # The sandbox
 
 
@@ -541,10 +643,20 @@ class MarketoSandbox:
                 "same_key_overlaps",
                 "faults_injected",
                 "internal_errors",
+                "bulk_uploads",
+                "bulk_status_calls",
+                "bulk_file_calls",
+                "bulk_too_many_imports",
             ),
             0,
         )
         self.last_internal_error: str | None = None
+        # bulk import: jobs by batch id, and when each of the importing slots is next free
+        self._jobs: dict[int, _BulkJob] = {}
+        self._job_ids = itertools.count(1001)
+        self.bulk_clock: Callable[[], float] = time.monotonic  # tests may drive it by hand
+        self._slots_free = [0.0] * max(1, self.config.bulk_max_importing)
+        self._last_start = 0.0
         # server
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -611,10 +723,12 @@ class MarketoSandbox:
 
     def leads(self) -> list[dict[str, Any]]:
         with self._lock:
+            self._advance_bulk()
             return [dict(self._store.leads[lid]) for lid in sorted(self._store.leads)]
 
     def lead_by_email(self, email: str) -> dict[str, Any] | None:
         with self._lock:
+            self._advance_bulk()
             ids = self._store.find("email", email)
             return dict(self._store.leads[ids[0]]) if ids else None
 
@@ -664,7 +778,9 @@ class MarketoSandbox:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
+            self._advance_bulk()
             out: dict[str, Any] = dict(self._counters)
+            out["bulk_jobs"] = len(self._jobs)
             out["sync_batch_sizes"] = [size for _, size in sorted(self._batches)]
             out["in_flight"] = self._in_flight
             out["leads"] = len(self._store.leads)
@@ -684,7 +800,9 @@ class MarketoSandbox:
                 return self._admin(method, path, body or b"")
             if path == "/identity" or path.startswith("/identity/"):
                 return self._identity(method, path, query, headers, body)
-            if path == "/rest" or path.startswith("/rest/"):
+            with self._lock:  # bulk jobs due by now apply before this call sees the store
+                self._advance_bulk()
+            if path == "/rest" or path.startswith("/rest/") or path.startswith(BULK_PREFIX):
                 return self._rest(method, target, path, query, headers, body)
             return _html(404)
         except Exception:
@@ -815,7 +933,7 @@ class MarketoSandbox:
 
         override = _q(query, "_method")
         effective = override.upper() if method == "POST" and override else method
-        routes = self._routes.get(path)
+        routes = self._routes.get(path) or self._bulk_routes(path)
         if routes is None:
             return self._error("610")
         handler = routes.get(effective)
@@ -1259,6 +1377,203 @@ class MarketoSandbox:
         users = [{"userId": SCOPE, "count": total}] if total else []
         return self._ok([{"date": day, "total": total, "users": users}])
 
+    # ---- Bulk lead import (/bulk/v1/leads*) ----------------------------------------------------
+    # A job's timeline is fixed when it is submitted (FIFO, bulk_max_importing at a time), and
+    # jobs are applied lazily, in finishing order, by the first call (or inspection) that comes
+    # after their finish time: deterministic, no background thread, and every call sees the
+    # store as Marketo would at that moment.
+
+    def _bulk_routes(self, path: str) -> dict[str, Callable[[_Call, bool], _Resp]] | None:
+        if path == BULK_LEADS_PATH:
+            return {"POST": self._bulk_create}
+        m = _BULK_BATCH_RE.fullmatch(path)
+        if m is None:
+            return None
+        if m.group("file") is None:
+            return {"GET": self._bulk_status}
+        return {"GET": self._bulk_file}
+
+    def _advance_bulk(self) -> None:
+        """Apply every job whose import has finished by now. Must hold the lock."""
+        now = self.bulk_clock()
+        due = [j for j in self._jobs.values() if not j.applied and j.finish <= now]
+        for job in sorted(due, key=lambda j: (j.finish, j.batch_id)):
+            self._apply_job(job)
+
+    def _bulk_status_of(self, job: _BulkJob, now: float) -> str:
+        if now < job.start:
+            return "Queued"
+        if now < job.finish:
+            return "Importing"
+        return "Failed" if job.fail_message else "Complete"
+
+    def submit_bulk(
+        self, data: bytes, *, lookup: str = "email", fmt: str = "csv", list_id: str | None = None,
+        partition: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Queue an import job as POST /bulk/v1/leads.json would (tests fill the queue with it)."""
+        with self._lock:
+            self._advance_bulk()
+            now = self.bulk_clock()
+            active = sum(1 for j in self._jobs.values() if j.finish > now)
+            if active >= self.config.bulk_max_queued:
+                self._counters["bulk_too_many_imports"] += 1
+                return {"error": ("1016", "Too many imports")}
+            cfg = self.config
+            job = _parse_bulk_file(data, fmt, lookup, self._fields)
+            job.batch_id, job.list_id, job.partition = next(self._job_ids), list_id, partition
+            # FIFO: not before it was queued a while, a slot is free, and the job ahead started.
+            slot = min(range(len(self._slots_free)), key=self._slots_free.__getitem__)
+            job.start = max(now + cfg.bulk_queued_seconds, self._slots_free[slot], self._last_start)
+            job.finish = job.start + cfg.bulk_import_seconds + len(job.rows) / cfg.bulk_rows_per_second
+            self._slots_free[slot] = job.finish
+            self._last_start = job.start
+            self._jobs[job.batch_id] = job
+            self._counters["bulk_uploads"] += 1
+            return {"batchId": job.batch_id, "importId": str(job.batch_id), "status": "Queued"}
+
+    def bulk_jobs(self) -> list[dict[str, Any]]:
+        """Every job with its status now (inspection for tests)."""
+        with self._lock:
+            self._advance_bulk()
+            now = self.bulk_clock()
+            return [self._job_view(j, now) for j in self._jobs.values()]
+
+    def _job_view(self, job: _BulkJob, now: float) -> dict[str, Any]:
+        status = self._bulk_status_of(job, now)
+        view: dict[str, Any] = {"batchId": job.batch_id, "importId": str(job.batch_id), "status": status}
+        if status == "Complete":
+            view |= {
+                "numOfLeadsProcessed": job.processed,
+                "numOfRowsFailed": len(job.failures),
+                "numOfRowsWithWarning": len(job.warnings),
+                "message": job.message(),
+            }
+        elif status == "Failed":
+            view |= {"numOfLeadsProcessed": 0, "numOfRowsFailed": 0, "numOfRowsWithWarning": 0,
+                     "message": job.fail_message}  # fmt: skip
+        else:
+            view |= {"numOfLeadsProcessed": 0, "numOfRowsFailed": 0, "numOfRowsWithWarning": 0}
+        return view
+
+    def _bulk_create(self, call: _Call, dry_run: bool) -> _Resp:
+        if _media_type(call.headers) != "multipart/form-data":
+            return self._error("612")
+        parts = _multipart(call.headers.get("Content-Type") or "", call.body)
+        if parts is None:
+            return self._error("613")
+        params = {k: v[0] for k, v in call.query.items() if v}
+        for name, (_filename, value) in parts.items():
+            if name != "file":
+                params.setdefault(name, value.decode("utf-8", "replace"))
+        if "file" not in parts:
+            return self._error("1003", "Invalid data: the 'file' part is missing")
+        data = parts["file"][1]
+        if len(data) >= MAX_BULK_FILE_BYTES:
+            return self._error("1003", "File size exceeds 10 MB")
+        fmt = params.get("format") or "csv"
+        if fmt not in _BULK_DELIMITERS:
+            return self._error("1003", f"Invalid format '{fmt}', expected csv, tsv or ssv")
+        lookup = params.get("lookupField") or "email"
+        if lookup not in self._fields:
+            return self._error("1003", f"Invalid lookupField '{lookup}'")
+        if dry_run:  # a `short_result`-style fault computing the answer must not queue a job
+            return self._ok([{"batchId": 0, "importId": "0", "status": "Queued"}])
+        answer = self.submit_bulk(
+            data, lookup=lookup, fmt=fmt, list_id=params.get("listId"), partition=params.get("partitionName")
+        )
+        if "error" in answer:
+            return self._error(*answer["error"])
+        return self._ok([answer])
+
+    def _bulk_job(self, path: str) -> _BulkJob | _Resp:
+        m = _BULK_BATCH_RE.fullmatch(path)
+        job = self._jobs.get(int(m.group("id"))) if m else None
+        # Marketo's answer for an unknown batch id is not documented: 1013 "Object not found".
+        return job if job is not None else self._error("1013", "Import not found")
+
+    def _bulk_status(self, call: _Call, dry_run: bool) -> _Resp:
+        with self._lock:
+            self._counters["bulk_status_calls"] += 1
+            job = self._bulk_job(call.path)
+            if isinstance(job, _Resp):
+                return job
+            return self._ok([self._job_view(job, self.bulk_clock())])
+
+    def _bulk_file(self, call: _Call, dry_run: bool) -> _Resp:
+        """failures.json / warnings.json: the file in the job's format, the original columns
+        plus the reason column; empty when no row failed (or warned)."""
+        failures = call.path.endswith("/failures.json")
+        with self._lock:
+            self._counters["bulk_file_calls"] += 1
+            job = self._bulk_job(call.path)
+            if isinstance(job, _Resp):
+                return job
+            if self._bulk_status_of(job, self.bulk_clock()) in ("Queued", "Importing"):
+                return self._error("1003", "Import is not complete yet")
+            rows = job.failures if failures else job.warnings
+        if not rows:
+            return _Resp(200, b"", "text/csv;charset=UTF-8")
+        out = io.StringIO()
+        writer = csv.writer(out, delimiter=_BULK_DELIMITERS[job.fmt], lineterminator="\n")
+        writer.writerow([*job.header, "Import Failure Reason" if failures else "Import Warning Reason"])
+        for cells, reason in rows:
+            writer.writerow([*cells, reason])
+        return _Resp(200, out.getvalue().encode("utf-8"), "text/csv;charset=UTF-8")
+
+    def _apply_job(self, job: _BulkJob) -> None:
+        """Import every row, as Sync Leads would (createOrUpdate, or update-only by id). Lock held."""
+        job.applied = True
+        if job.fail_message:
+            return
+        store, now, lookup = self._store, _now_iso(), job.lookup
+        for cells in job.rows:
+            if len(cells) != len(job.header):
+                job.failures.append(
+                    (cells, f"Invalid number of fields: {len(cells)}, expected {len(job.header)}")
+                )
+                continue
+            changes: dict[str, Any] = {}
+            reason = None
+            for name, cell in zip(job.header, cells, strict=True):
+                # An empty cell is taken as "no value" and clears the field: whether Marketo
+                # does is not documented, so the sandbox assumes the worst for a client.
+                value = _coerce(self._fields[name], cell)
+                if value is _INVALID:
+                    reason = f"Invalid value for field '{name}' and value '{cell}'"
+                    break
+                changes[name] = value
+            if reason is None and changes.get(lookup) in (None, ""):
+                reason = f"Value for lookup field '{lookup}' not specified"
+            if reason is not None:
+                job.failures.append((cells, reason))
+                continue
+            key = changes[lookup]
+            if lookup == "id":  # update only: an id never creates a lead
+                changes.pop("id")
+                if key not in store.leads:
+                    job.failures.append((cells, "Lead not found"))
+                    continue
+                store.update(key, changes, now)
+            else:
+                matches = store.find(lookup, key)
+                if not matches:
+                    store.insert(changes, now)
+                elif len(matches) == 1:
+                    store.update(matches[0], changes, now)
+                else:
+                    # Where Sync Leads skips with 1007, list imports update the most recently
+                    # updated lead (Marketo Nation); the sandbox does that and warns.
+                    newest = max(matches, key=lambda lid: (str(store.leads[lid].get("updatedAt")), lid))
+                    store.update(newest, changes, now)
+                    job.warnings.append(
+                        (
+                            cells,
+                            f"Multiple leads match the lookup field '{lookup}'; lead {newest} was updated",
+                        )
+                    )
+            job.processed += 1
+
 
 # --------------------------------------------------------------------------------------------
 # HTTP plumbing
@@ -1341,13 +1656,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """The request body, or None if it is over 1 MB (drained so the 413 reaches the client)."""
         if "chunked" in str(self.headers.get("Transfer-Encoding", "")).lower():
             return self._read_chunked()
+        limit = self._limit()
         length_header = self.headers.get("Content-Length")
         if not length_header:
             return b""
         length = int(length_header)
         if length < 0:
             raise ValueError("negative Content-Length")
-        if length > MAX_BODY_BYTES:
+        if length > limit:
             if length > 64 * MAX_BODY_BYTES:
                 self.close_connection = True
             else:
@@ -1365,7 +1681,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise ConnectionResetError("short body")
             length -= len(chunk)
 
+    def _limit(self) -> int:
+        """Bulk uploads may carry a file of up to 10 MB; every other call 1 MB."""
+        return MAX_BULK_BODY_BYTES if self.path.startswith(BULK_PREFIX) else MAX_BODY_BYTES
+
     def _read_chunked(self) -> bytes | None:
+        limit = self._limit()
         parts: list[bytes] = []
         total = 0
         while True:
@@ -1377,9 +1698,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             chunk = self.rfile.read(size)
             self.rfile.readline(1024)
             total += size
-            if total <= MAX_BODY_BYTES:
+            if total <= limit:
                 parts.append(chunk)
-        return b"".join(parts) if total <= MAX_BODY_BYTES else None
+        return b"".join(parts) if total <= limit else None
 
     def _write(self, resp: _Resp) -> None:
         if resp.drop:
