@@ -167,25 +167,46 @@ class MarketoClient:
         body: bytes | None = None,
         params: dict[str, Any] | None = None,
         form: dict[str, str] | None = None,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
+        data: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """One REST call. Returns the body when `success` is true; raises CallFailed otherwise.
 
         `body` is JSON already encoded (the engine encodes a batch before taking a call slot);
-        `form` is sent url-encoded (Marketo's `POST ?_method=GET` for queries over 8 KB).
+        `form` is sent url-encoded (Marketo's `POST ?_method=GET` for queries over 8 KB);
+        `files` and `data` make a multipart/form-data body (bulk import).
         """
-        token = await self.token()
-        headers = {"Authorization": f"Bearer {token}"}
-        content = body
-        if json is not None:
-            content = orjson.dumps(json)
+        content = orjson.dumps(json) if json is not None else body
+        headers = {}
         if content is not None:
             headers["Content-Type"] = "application/json"
         elif form is not None:
             content = urlencode(form).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
+        resp, token = await self._request(
+            method, path, params=params, content=content, headers=headers, files=files, data=data
+        )
+        return self._answer(resp, path, token)
+
+    async def fetch_file(self, path: str) -> bytes:
+        """GET a file Marketo serves as text (bulk failures/warnings CSVs); an error comes as JSON."""
+        resp, token = await self._request("GET", path)
+        if resp.headers.get("Content-Type", "").lower().startswith("text/"):
+            return resp.content
+        if not resp.content.strip():
+            return b""
+        self._answer(resp, path, token)  # raises CallFailed for success:false
+        return b""
+
+    async def _request(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **request: Any
+    ) -> tuple[httpx.Response, str]:
+        """Send with a valid token; transport failures and non-200 statuses become CallFailed."""
+        token = await self.token()
+        headers = {**(headers or {}), "Authorization": f"Bearer {token}"}
         self.recent_calls.append(self.clock.now())
         try:
-            resp = await self._http.request(method, path, params=params, content=content, headers=headers)
+            resp = await self._http.request(method, path, headers=headers, **request)
         except httpx.TimeoutException as e:
             raise CallFailed(TIMEOUT, f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
         except httpx.HTTPError as e:
@@ -196,6 +217,9 @@ class MarketoClient:
                 f"{path} answered HTTP {resp.status_code}",
                 maybe_applied=resp.status_code >= 500,
             )
+        return resp, token
+
+    def _answer(self, resp: httpx.Response, path: str, token: str) -> dict[str, Any]:
         try:
             body = orjson.loads(resp.content)
         except orjson.JSONDecodeError:

@@ -15,6 +15,7 @@ class Action(Enum):
     QUOTA = "quota"  # daily quota: stop sending at once, everything left is retryable tomorrow
     ABORT = "abort"  # the run cannot succeed as configured: stop, exit 3
     SPLIT = "split"  # payload too large: split the batch and resend both halves
+    WAIT = "wait"  # bulk import queue full: wait for room and resend, never give up
 
 
 # The client's own failure kinds (pseudo-codes in reports, beside Marketo's numeric codes).
@@ -51,6 +52,9 @@ REQUEST_CODES: dict[str, tuple[Action, str]] = {
     "610": (Action.ABORT, "resource not found: check the instance URL"),
     "612": (Action.ABORT, "invalid content type"),
     "616": (Action.ABORT, "invalid subscription type"),
+    # Bulk import: Marketo queues at most 10 jobs per instance, other integrations' included.
+    "1016": (Action.WAIT, "too many imports: the bulk queue (10 jobs) is full; wait for room"),
+    "1019": (Action.WAIT, "import in progress to the same list; wait for it"),
     # HTTP statuses (not Marketo codes; same table so there is one place to look).
     "http:401": (Action.ABORT, "Marketo refused the client credentials"),
     "http:413": (Action.SPLIT, "request body over 1 MB: split and resend"),
