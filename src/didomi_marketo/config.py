@@ -10,6 +10,7 @@ import difflib
 import ipaddress
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ class DeliverySettings:
 
 @dataclass
 class Config:
+    """A validated Didomi Marketo integration config (the console's JSON or YAML), with `file:line`
+    of each setting kept for later messages. Credentials resolve lazily (`credentials()`), so
+    dry runs and previews need none; `identity()` is the secret-free form for reports."""
+
     path: str
     identifier: str  # "email" | "leadID"
     upsert: bool
@@ -100,8 +105,8 @@ class Config:
         for key, env in ENV_FALLBACK.items():
             v = auth.get(key)
             refs = ENV_REF.findall(str(self._auth.get(key) or ""))
-            # Skip only when a missing variable was reported: a variable set to "" used to be
-            # skipped too, with no problem recorded, and then values[key] raised KeyError.
+            # Skip only when a missing variable was reported; a variable set to "" is not
+            # reported there, so it must fall through to the "is missing" problem below.
             if not v and any(name not in os.environ for name in refs):
                 continue  # already reported as a missing variable
             if v in (None, ""):
@@ -250,7 +255,9 @@ class _Problems:
         name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         self.items.append(f"{self.where(loc)}: {name + ': ' if name else ''}{message}")
 
-    def unknown_keys(self, obj: dict, allowed: set[str], loc: tuple, ignored=frozenset()) -> None:
+    def unknown_keys(
+        self, obj: dict, allowed: set[str], loc: tuple, ignored: Collection[str] = frozenset()
+    ) -> None:
         for key in obj:
             if key not in allowed and key not in ignored:
                 close = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)

@@ -130,6 +130,11 @@ class Engine:
     # -- the run ------------------------------------------------------------------------------
 
     async def run(self, updates: Iterable[LeadUpdate]) -> DeliveryStats:
+        """Deliver every update and hand one outcome per lead to the sink, batch by batch.
+
+        Batches (<= batch_size leads, < 1 MB) go to `max_concurrency` workers sharing one limiter;
+        each batch is retried per the code table until it succeeds or gives up. A stop (quota,
+        --max-calls, abort, signal) drains the rest as `stopped` outcomes, so nothing is lost."""
         queue: asyncio.Queue[list[LeadUpdate] | None] = asyncio.Queue(
             maxsize=self.settings.max_concurrency * 2
         )

@@ -17,7 +17,7 @@ from didomi_marketo.outcomes import LeadUpdate, payload_hash
 
 
 class PriorState(Protocol):
-    """What the state store knows of a lead (issue #4): see state.StateStore."""
+    """What the state store knows of a lead: see state.StateStore."""
 
     def lead(self, key: str) -> Any: ...  # LeadState | None: confirmed, pending, skipped_hash
 

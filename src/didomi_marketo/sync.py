@@ -274,8 +274,10 @@ class _Fanout:
             s.batch_done(outcomes)
 
 
-async def _deliver(config, credentials, options, updates, report, sinks, clock, on_progress,
-                   folded, warn, earlier_calls) -> DeliveryStats:  # fmt: skip
+async def _deliver(config: Config, credentials: Credentials, options: SyncOptions, updates: Iterable[LeadUpdate],
+                   report: Report, sinks: list[Any], clock: Clock | None,
+                   on_progress: Callable[[str, int, int | None], None] | None, folded: int,
+                   warn: Callable[[str], None], earlier_calls: list[float]) -> DeliveryStats:  # fmt: skip
     settings = config.delivery
     async with MarketoClient(
         credentials, timeout=settings.timeout, max_connections=settings.max_concurrency, clock=clock

@@ -162,8 +162,8 @@ def finish(result: RunResult, quiet: bool) -> None:
     raise typer.Exit(result.exit_code)
 
 
-def with_delivery(cfg: Config, max_calls, per_20s, concurrency) -> Config:
-    changes = {}
+def with_delivery(cfg: Config, max_calls: int | None, per_20s: int | None, concurrency: int | None) -> Config:
+    changes: dict[str, int] = {}
     if max_calls is not None:
         changes["max_calls"] = max_calls
     if per_20s is not None:

@@ -1,6 +1,6 @@
 """Recognise Didomi record shapes anywhere in the input and turn them into consent observations.
 
-Shapes (../shared/reference/didomi-data.md): a batch-export line `{"user", "events"}`, a user
+Shapes (Didomi's documented formats): a batch-export line `{"user", "events"}`, a user
 (consent status), an event (partial update), a webhook envelope `{"type", "parameters"}`, and a
 Consents API page `{"data": [...]}`. Arrays of any of these are walked too.
 """

@@ -1,7 +1,7 @@
 """Marketo error codes -> what we do about them. One table, kept as data, with the reason for each.
 
-Sources: Adobe's error-codes page and how mature clients treat each code
-(../shared/reference/marketo-rest.md section 6). Match on codes, never on messages.
+Sources: Adobe's error-codes page and how mature clients (MRP, Segment, RudderStack) treat each
+code. Match on codes, never on messages.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from typing import Protocol
 
 
 class Clock(Protocol):
+    """Time, injectable: tests pass a fake clock so retries and windows cost no real seconds."""
+
     def now(self) -> float: ...
 
     async def sleep(self, seconds: float) -> None: ...
@@ -30,6 +32,11 @@ class RealClock:
 
 
 class Limiter:
+    """Marketo's two limits, enforced before each call: `slot()` waits until a call fits in the
+    sliding window (N calls per W seconds, with an arrival-jitter margin) and under the
+    concurrency cap, then holds the slot until the answer. Shared by every worker of a run, and
+    seeded with the calls made before delivery (auth, describe, usage) so they count too."""
+
     def __init__(self, calls: int, window: float, concurrency: int, clock: Clock | None = None):
         self.calls = calls
         self.window = window
