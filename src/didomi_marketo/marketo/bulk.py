@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 from didomi_marketo.marketo.client import CallFailed, MarketoClient, RetryPolicy, Stopped
-from didomi_marketo.marketo.codes import Action
+from didomi_marketo.marketo.codes import UNREADABLE, Action
 from didomi_marketo.marketo.limiter import Clock
 
 BULK_LEADS_PATH = "/bulk/v1/leads.json"
@@ -265,7 +265,7 @@ class BulkImporter:
             try:
                 return int(result["batchId"])
             except (KeyError, TypeError, ValueError):
-                raise CallFailed("unreadable", "the bulk import answer has no batchId") from None
+                raise CallFailed(UNREADABLE, "the bulk import answer has no batchId") from None
 
     async def status(self, batch_id: int) -> JobStatus:
         body = await self._call(lambda: self.client.call("GET", f"/bulk/v1/leads/batch/{batch_id}.json"))
