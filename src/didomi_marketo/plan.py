@@ -169,19 +169,10 @@ class Planner:
                 ):
                     fields[name] = value
                     stamps[name] = p_stamps.get(name, 0.0)
-        changed = False
-        for name in list(fields):
-            before = prior.confirmed.get(name)
-            if before is None:
-                changed = True
-                continue
-            value, ts = before
-            if ts > stamps.get(name, NEVER):
-                self.stats.kept_newer += 1
-                fields[name] = value
-                stamps[name] = ts
-            elif value != fields[name]:
-                changed = True
+        self.stats.kept_newer += keep_newer(prior.confirmed, fields, stamps)
+        changed = any(
+            name not in prior.confirmed or prior.confirmed[name][0] != value for name, value in fields.items()
+        )
         if pending:
             return True
         if prior.skipped_code == LEAD_NOT_FOUND and self.action == "createOrUpdate":
@@ -189,3 +180,18 @@ class Planner:
         if changed and prior.skipped_hash is not None:
             return payload_hash(fields) != prior.skipped_hash
         return changed
+
+
+def keep_newer(
+    confirmed: dict[str, tuple[Any, float]], fields: dict[str, Any], stamps: dict[str, float]
+) -> int:
+    """Per field, the newer consent wins: where Marketo confirmed a value with a later consent
+    time than the input's, that value replaces the input's (an old file read late changes
+    nothing). Updates `fields` and `stamps` in place; returns how many fields it kept."""
+    kept = 0
+    for name in list(fields):
+        before = confirmed.get(name)
+        if before is not None and before[1] > stamps.get(name, NEVER):
+            fields[name], stamps[name] = before
+            kept += 1
+    return kept

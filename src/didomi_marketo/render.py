@@ -68,3 +68,41 @@ def print_summary(console: Console, summary: dict[str, Any], samples: list[dict[
         console.print("[bold]sample payloads[/bold]")
         for s in samples:
             console.print(orjson.dumps(s).decode(), markup=False, highlight=False, soft_wrap=True)
+
+
+def print_reconcile(console: Console, summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    """`reconcile`: the leads compared, per field the four counts, a few drifted leads."""
+    leads, calls = summary["leads"], summary["calls"]
+    against = "the input files" if summary["compared_with"] == "inputs" else "the state's confirmed values"
+    console.print(
+        f"[bold]reconcile[/bold]: {leads['compared']} leads of {against} read back from Marketo in "
+        f"{calls.get('reads', 0)} calls: [bold]{leads['drifted']} drifted[/bold], {leads['in_sync']} in sync"
+        + (
+            f", {leads['not_in_marketo_expected']} not in Marketo (update-only never created them)"
+            if leads["not_in_marketo_expected"]
+            else ""
+        )
+    )
+    table = Table(title="per Marketo field (leads)", title_justify="left")
+    for col in ("field", "match", "differs", "missing in Marketo", "lead not found"):
+        table.add_column(col, justify="left" if col == "field" else "right")
+    for name, c in summary["fields"].items():
+        table.add_row(
+            name, str(c["match"]), str(c["differs"]), str(c["missing_in_marketo"]), str(c["lead_not_found"])
+        )
+    console.print(table)
+    for s in samples:
+        parts = [
+            f"{name}: Didomi {orjson.dumps(f['didomi']).decode()} / Marketo "
+            f"{'(no lead)' if f['status'] == 'lead_not_found' else orjson.dumps(f['marketo']).decode()}"
+            for name, f in s["fields"].items()
+        ]
+        console.print(
+            f"  drift {s['key']} ({s['source']}): " + "; ".join(parts), markup=False, soft_wrap=True
+        )
+    fix = summary.get("fix")
+    if fix:
+        console.print(
+            f"--fix: {fix['sent']} leads sent in {fix['calls']} calls: {fix['created']} created, "
+            f"{fix['updated']} updated, {sum(fix['skipped'].values())} skipped, {fix['failed']} failed"
+        )

@@ -99,7 +99,7 @@ def run_sync(
     input_stats = InputStats()
     warnings, warn = _warnings(on_warning)
     earlier_calls: list[float] = []
-    with _open_state(options) as store:
+    with open_state(options) as store:
         fold = build_fold(config, report.issue, options.spill_threshold)
         if store is not None and credentials is not None and not options.dry_run:
             store.bind_instance(credentials.base_url)
@@ -120,7 +120,7 @@ def run_sync(
             output = _open_output(options.output)
             try:
                 tee = _Tee(planner.plan(fold.leads()), output)
-                delivery = _send(config, credentials, options, tee, report, store, sinks, clock,
+                delivery = send_updates(config, credentials, options, tee, report, store, sinks, clock,
                                  on_progress, folded, warn, earlier_calls)  # fmt: skip
                 if delivery is not None and inputs is not None:
                     # Every lead of these inputs is now confirmed, skipped or pending in the
@@ -163,7 +163,7 @@ def _open_output(path: str | None) -> IO[bytes] | None:
 
 
 @contextmanager
-def _open_state(options: SyncOptions) -> Iterator[StateStore | None]:
+def open_state(options: SyncOptions) -> Iterator[StateStore | None]:
     """The state store with its lock (a dry run only reads it, so it takes no lock)."""
     if not options.state:
         yield None
@@ -191,7 +191,7 @@ def _open_state(options: SyncOptions) -> Iterator[StateStore | None]:
         lock.release()
 
 
-def _send(config: Config, credentials: Credentials | None, options: SyncOptions, updates: Iterable[LeadUpdate],
+def send_updates(config: Config, credentials: Credentials | None, options: SyncOptions, updates: Iterable[LeadUpdate],
           report: Report, store: StateStore | None, sinks: list[Any] | None, clock: Clock | None,
           on_progress: Callable[[str, int, int | None], None] | None, expected: int,
           warn: Callable[[str], None], earlier_calls: list[float]) -> DeliveryStats | None:  # fmt: skip
@@ -380,7 +380,7 @@ def run_retry(
             f"'{config.lookup_field}' (e.g. {mismatched[0]}); use the config of the original run"
         )
     delivery = None
-    with _open_state(options) as store:
+    with open_state(options) as store:
         if store is not None and credentials is not None and not options.dry_run:
             store.bind_instance(credentials.base_url)
         planner = Planner(
@@ -392,7 +392,7 @@ def run_retry(
         )
         planner.pending = set()  # retry sends the report's leads, not the state's other pending ones
         tee = _Tee(planner.reconcile(updates), None)
-        delivery = _send(config, credentials, options, tee, report, store, sinks, clock, on_progress,
+        delivery = send_updates(config, credentials, options, tee, report, store, sinks, clock, on_progress,
                          len(updates), warn, [])  # fmt: skip
     summary = RunSummary(
         "retry-dry-run" if options.dry_run else "retry", started, time.time(), config.identity(),

@@ -5,10 +5,10 @@ Each command module registers its commands here, explicitly; `common` holds what
 
 from __future__ import annotations
 
-from didomi_marketo.cli import run, sandbox, state, workbench
+from didomi_marketo.cli import compliance, run, sandbox, state, workbench
 from didomi_marketo.cli.common import app
 
-for _module in (run, workbench, state, sandbox):
+for _module in (run, workbench, state, compliance, sandbox):
     _module.register(app)
 
 
