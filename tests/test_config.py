@@ -252,9 +252,28 @@ def test_marketo_env_fills_absent_credentials(tmp_path, monkeypatch):
         "env-secret",
         "https://999-ZZZ-999.mktorest.com",
     )
-    # Present in the config: the config wins.
+    # Present in the config too: the environment still wins (flag > environment > file), the
+    # instance included.
     creds = load_config(write_json(tmp_path, CONSOLE)).credentials()
-    assert (creds.client_id, str(creds.client_secret)) == ("cid", "csecret")
+    assert (creds.client_id, str(creds.client_secret), creds.base_url) == (
+        "env-id",
+        "env-secret",
+        "https://999-ZZZ-999.mktorest.com",
+    )
+
+
+def test_the_environment_beats_literal_values_and_spares_unset_refs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARKETO_CLIENT_SECRET", "env-secret")
+    c = load_config(write_json(tmp_path, cfg(authentication={
+        "client_id": "file-id", "client_secret": "${NOT_SET_ANYWHERE}", "instance": "111-AAA-222"})))  # fmt: skip
+    creds = c.credentials()  # the unset ${VAR} does not matter: MARKETO_CLIENT_SECRET overrides it
+    assert (creds.client_id, str(creds.client_secret)) == ("file-id", "env-secret")
+    assert c.identity()["client_id"] == "file-id"
+    monkeypatch.setenv("MARKETO_CLIENT_ID", "env-id")
+    monkeypatch.setenv("MARKETO_INSTANCE", "999-ZZZ-999")
+    assert c.credentials().client_id == "env-id" and c.identity()["client_id"] == "env-id"
+    assert c.credentials().base_url == "https://999-ZZZ-999.mktorest.com"
+    assert c.identity()["instance"] == "999-ZZZ-999"
 
 
 def test_marketo_env_fills_credentials_that_are_null_or_empty(tmp_path, monkeypatch):

@@ -115,8 +115,10 @@ def test_unusable_paths_are_one_line_errors(sandbox, tmp_path, cli):
                  ["state", "show", "--state", tmp_path / "bad.db"]):  # fmt: skip
         res = cli(*args)
         assert res.exit_code == 3 and "not a usable didomi-marketo state file" in res.stderr
-    res = cli("sync", data, "-c", config, "--state", tmp_path / "missing-dir" / "s.db", "-q")
-    assert res.exit_code == 3 and "state lock" in res.stderr
+    # A state folder that cannot be created (a file is in the way): one line naming it, exit 3.
+    res = cli("sync", data, "-c", config, "--state", tmp_path / "afile" / "sub" / "s.db", "-q")
+    assert res.exit_code == 3 and "cannot create the state folder" in res.stderr
+    assert "Traceback" not in res.stderr
     res = cli("sync", data, "-c", config, "--dry-run", "--state", tmp_path / "typo.db")
     assert res.exit_code == 2 and not (tmp_path / "typo.db").exists()  # a dry run creates nothing
 

@@ -40,7 +40,7 @@ DELIVERY_KEYS = {
 DEFAULT_DAILY_QUOTA = 50_000  # Marketo's default daily API quota (calls a day, reset at midnight US Central)
 
 IDENTIFIERS = {"email": "email", "leadID": "id"}
-ENV_FALLBACK = {
+ENV_OVERRIDES = {  # the environment beats the file (flag > environment > file)
     "client_id": "MARKETO_CLIENT_ID",
     "client_secret": "MARKETO_CLIENT_SECRET",
     "instance": "MARKETO_INSTANCE",
@@ -97,28 +97,25 @@ class Config:
         return self
 
     def credentials(self) -> Credentials:
-        """Resolve credentials from the config, then MARKETO_* variables. Raises ConfigError."""
+        """Resolve credentials: MARKETO_* variables first, then the config. Raises ConfigError.
+
+        Precedence is flag > environment > file, as everywhere: a MARKETO_CLIENT_ID set for a
+        cron job or a systemd EnvironmentFile= overrides a literal value left in the file."""
         p = _Problems(self.path, self._lines)
-        auth = _substitute_env(self._auth, ("authentication",), p)
-        problems = p.items
         values: dict[str, str] = {}
-        for key, env in ENV_FALLBACK.items():
-            v = auth.get(key)
-            refs = ENV_REF.findall(str(self._auth.get(key) or ""))
-            # Skip only when a missing variable was reported; a variable set to "" is not
-            # reported there, so it must fall through to the "is missing" problem below.
-            if not v and any(name not in os.environ for name in refs):
-                continue  # already reported as a missing variable
-            if v in (None, ""):
-                v = os.environ.get(env)
+        for key, env in ENV_OVERRIDES.items():
+            v = os.environ.get(env)
             if not v:
-                problems.append(
-                    f"{self.path}: authentication.{key} is missing (set it in the config or {env})"
-                )
+                before = len(p.items)
+                v = _substitute_env(self._auth.get(key), ("authentication", key), p)
+                if len(p.items) > before:
+                    continue  # a ${VAR} the file names is not set: already reported
+            if not v:
+                p.items.append(f"{self.path}: authentication.{key} is missing (set {env} or the config)")
             else:
                 values[key] = str(v)
-        if problems:
-            raise ConfigError(problems)
+        if p.items:
+            raise ConfigError(p.items)
         try:
             base = normalise_instance(values["instance"])
         except ValueError as e:
@@ -139,8 +136,8 @@ class Config:
                 | ({"transform": [t.describe() for t in m.transforms]} if m.transforms else {})
                 for m in self.mappings
             ],
-            "client_id": self._auth.get("client_id") or os.environ.get("MARKETO_CLIENT_ID"),
-            "instance": self._auth.get("instance") or os.environ.get("MARKETO_INSTANCE"),
+            "client_id": os.environ.get("MARKETO_CLIENT_ID") or self._auth.get("client_id"),
+            "instance": os.environ.get("MARKETO_INSTANCE") or self._auth.get("instance"),
         }
 
 

@@ -1,18 +1,34 @@
 """One small exception root, grouped by what the caller does (as singer-sdk does).
 
-The CLI maps each branch to an exit code: ConfigError -> 2, FatalError -> 3.
+Each branch carries its exit code, so the CLI maps every error the same way:
+ConfigError -> 2, FatalError -> 3, LockHeld -> 4 (see EXIT_CODES).
 Record-level problems are never exceptions: they are outcomes, reported per record.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+# The contract with cron, systemd and alerting (README "Exit codes"; `sync --help` lists it).
+EXIT_CODES = {
+    0: "every lead delivered or expectedly skipped",
+    1: "some records rejected, or leads failed or were skipped unexpectedly",
+    2: "usage or config error: nothing was sent",
+    3: "run aborted, a human must act: credentials, access, quota, unreachable, interrupted",
+    4: "the state is locked by a run still going: nothing was done (safe to ignore)",
+}
+
 
 class DidomiMarketoError(Exception):
     """Root of every error this library raises on purpose."""
 
+    exit_code: ClassVar[int] = 1
+
 
 class ConfigError(DidomiMarketoError):
     """The config or the command line is unusable; nothing was sent. Carries every problem found."""
+
+    exit_code = 2
 
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -21,6 +37,15 @@ class ConfigError(DidomiMarketoError):
 
 class FatalError(DidomiMarketoError):
     """The run cannot go on: bad credentials, access denied, quota, unreachable instance."""
+
+    exit_code = 3
+
+
+class LockHeld(FatalError):
+    """Another run holds the state: an overlap, not a failure (its own exit code, so alerting
+    can tell a slow previous run from one that needs a human)."""
+
+    exit_code = 4
 
 
 class AuthError(FatalError):

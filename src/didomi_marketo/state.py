@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from didomi_marketo.didomi.readers import InputFile
-from didomi_marketo.errors import ConfigError, FatalError
+from didomi_marketo.errors import ConfigError, FatalError, LockHeld
 from didomi_marketo.outcomes import LeadOutcome, payload_hash
 
 SCHEMA = """
@@ -268,6 +268,26 @@ def input_unit(f: InputFile, whole_partition: bool = True) -> tuple[str, str] | 
 # The lock: one run per state file
 
 
+def make_state_folder(path: Path) -> None:
+    """Create the folders up to the state file, private (0700: the state holds lead emails).
+
+    A fresh server has no /var/lib/didomi-marketo: creating it here saves every cron recipe a
+    mkdir step. An existing folder keeps its mode (the operator chose it)."""
+    missing = []
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise FatalError(
+                f"{path}: cannot create the state folder {folder} ({e.strerror}); "
+                "create it, writable by the user running didomi-marketo, or choose another --state"
+            ) from None
+
+
 class StateLock:
     """An OS file lock next to the state (`STATE.lock`), holding the owner's pid and start time."""
 
@@ -277,6 +297,7 @@ class StateLock:
 
     def acquire(self, wait_seconds: float = 0.0) -> None:
         deadline = time.monotonic() + wait_seconds
+        make_state_folder(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -289,7 +310,7 @@ class StateLock:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
                     os.close(fd)
-                    raise FatalError(
+                    raise LockHeld(
                         f"{self.path}: another run holds the state lock ({holder}); "
                         "use --wait-lock SECONDS to wait for it"
                     ) from None
