@@ -124,5 +124,11 @@ def test_the_cron_line_is_silent_on_success_and_mails_a_failure(sandbox, tmp_pat
     assert "exited 3" in failed.stderr and "a human must act" in failed.stderr  # what cron mails
     assert "wrong-secret" not in failed.stderr + (tmp_path / "log" / "sync.log").read_text()
 
+    with StateLock(state) as held:  # the previous run is still going: exit 4, nothing to mail
+        held.acquire()
+        overlap = _run_like_cron(command, tmp_path, env_file)
+    assert overlap.returncode == 4 and overlap.stdout == "" and overlap.stderr == ""
+    assert "another run holds the state lock" in (tmp_path / "log" / "sync.log").read_text()
+
     gone = _run_like_cron(command, tmp_path, tmp_path / "no-such.env")
     assert gone.returncode == 2 and "cannot read the credentials file" in gone.stderr

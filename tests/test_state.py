@@ -190,7 +190,7 @@ def test_a_second_run_on_the_same_state_refuses(sandbox_factory, tmp_path, cli):
         while not (lock.exists() and "pid" in lock.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         second = sync(cli, tmp_path, config)
-        assert second.exit_code == 3
+        assert second.exit_code == 4  # an overlap, not "a human must act" (3)
         assert f"pid {first.pid}" in second.stderr and "--wait-lock" in second.stderr
     finally:
         first.kill()

@@ -1,9 +1,9 @@
 """What every command shares: the consoles, option types declared once, error -> exit code,
 the progress bar, the run log. Commands live in their own modules (run, state, workbench...).
 
-Exit codes: 0 all delivered or expectedly skipped; 1 some records rejected or leads
-failed/skipped unexpectedly; 2 usage or config error; 3 run aborted (credentials, access,
-quota, unreachable, lock held).
+Exit codes (errors.EXIT_CODES): 0 all delivered or expectedly skipped; 1 some records rejected
+or leads failed/skipped unexpectedly; 2 usage or config error; 3 run aborted (credentials,
+access, quota, unreachable); 4 the state is locked by a run still going.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from didomi_marketo import __version__
 from didomi_marketo.config import Config, load_config
-from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
+from didomi_marketo.errors import ConfigError, DidomiMarketoError
 from didomi_marketo.render import print_summary
 from didomi_marketo.report import SHOW_ISSUES, Report
 from didomi_marketo.sync import RunResult
@@ -97,13 +97,10 @@ def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
         except ConfigError as e:
             for problem in e.problems:
                 say("error", problem)
-            raise typer.Exit(2) from None
-        except FatalError as e:
+            raise typer.Exit(e.exit_code) from None
+        except DidomiMarketoError as e:  # each kind carries its exit code (errors.EXIT_CODES)
             say("error", str(e))
-            raise typer.Exit(3) from None
-        except DidomiMarketoError as e:
-            say("error", str(e))
-            raise typer.Exit(1) from None
+            raise typer.Exit(e.exit_code) from None
         except (OSError, sqlite3.Error) as e:  # the disk, not the data: one line, run aborted
             where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
