@@ -8,6 +8,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from didomi_marketo.didomi.fold import format_timestamp
+
 
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"didomi-marketo {summary['mode']}", show_header=False, title_justify="left")
@@ -106,3 +108,71 @@ def print_reconcile(console: Console, summary: dict[str, Any], samples: list[dic
             f"--fix: {fix['sent']} leads sent in {fix['calls']} calls: {fix['created']} created, "
             f"{fix['updated']} updated, {sum(fix['skipped'].values())} skipped, {fix['failed']} failed"
         )
+
+
+def _show(v: Any) -> str:
+    return orjson.dumps(v).decode()
+
+
+def print_explanation(console: Console, doc: dict[str, Any]) -> None:
+    """`explain KEY`: the records in fold order, the verdict per field, Marketo's answers."""
+    steps = doc["steps"]
+    console.print(
+        f"[bold]explain {doc['key']}[/bold] ({doc['identifier']}): {len(steps)} record(s) touched it"
+        + (f", of {doc['inputs_read']} read" if doc["inputs_read"] else "")
+    )
+    for s in steps:
+        when = f"created {s['created_at']}" if s["created_at"] else f"updated {s['updated_at'] or '-'}"
+        console.print(f"[bold]#{s['n']}[/bold] {s['kind']} {s['source']}", soft_wrap=True, highlight=False)
+        console.print(
+            f"    {when} · regulation {s['regulation'] or 'gdpr (default)'} · status {s['status'] or '-'}",
+            markup=False, soft_wrap=True,
+        )  # fmt: skip
+        says = ", ".join(f"{k}={_show(v)}" for k, v in s["said"].items()) or "nothing mapped"
+        console.print(f"    says: {says}", markup=False, soft_wrap=True)
+        if not s["applied"]:
+            outcome = f"ignored: {s['ignored']}"
+        elif s["won"]:
+            outcome = "applied; wins " + ", ".join(s["won"])
+        else:
+            outcome = "applied; every field it says is superseded by a later record"
+        console.print(f"    {outcome}", markup=False, soft_wrap=True)
+    if doc["verdicts"]:
+        table = Table(title="per Marketo field", title_justify="left")
+        for col in ("field", "value", "won by", "consent at", "why"):
+            table.add_column(col, overflow="fold")
+        for v in doc["verdicts"]:
+            won = f"#{v['step']}" if v["step"] else "-"
+            table.add_row(v["field"], _show(v["value"]), won, str(v["consent_at"] or "-"), v["reason"])
+        console.print(table)
+    if doc["payload"] is not None:
+        console.print(
+            f"[bold]payload[/bold]: {_show(doc['payload'])}", markup=True, highlight=False, soft_wrap=True
+        )
+    if doc["payload_note"]:
+        console.print(f"  {doc['payload_note']}", markup=False, soft_wrap=True)
+    st = doc["state"]
+    if st is not None:
+        if st["confirmed"]:
+            at = format_timestamp(round(st["confirmed_at"])) if st["confirmed_at"] else "?"
+            console.print(
+                f"[bold]Marketo confirmed[/bold] (state, {at}): {_show(st['confirmed'])}", soft_wrap=True
+            )
+        if st["pending"]:
+            console.print(
+                f"[bold]pending[/bold] ({st['pending_reason']}): {_show(st['pending'])}", soft_wrap=True
+            )
+        if st["skipped"]:
+            console.print(
+                f"[bold]skipped[/bold] by Marketo: {st['skipped']['code']} {st['skipped']['reason']}"
+            )
+    elif doc["inputs_read"] or doc["reports"]:
+        console.print(
+            "state: no record of this lead" if doc.get("state_given") else "state: not given (--state)"
+        )
+    for r in doc["reports"]:
+        what = r.get("status") or r.get("category")
+        extra = " ".join(str(r[k]) for k in ("code", "reason") if r.get(k))
+        console.print(f"report {r['file']}: {what} {extra}".rstrip(), markup=False, soft_wrap=True)
+    if not doc["found"]:
+        console.print(f"{doc['key']}: no record, no state and no report mentions this key", markup=False)

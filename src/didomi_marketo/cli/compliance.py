@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
+import orjson
 import typer
 
 from didomi_marketo.cli.common import (
@@ -21,8 +23,10 @@ from didomi_marketo.cli.common import (
     say,
     with_delivery,
 )
+from didomi_marketo.errors import ConfigError
+from didomi_marketo.explain import explain as run_explain
 from didomi_marketo.reconcile import ReconcileOptions, parse_since, run_reconcile
-from didomi_marketo.render import print_reconcile
+from didomi_marketo.render import print_explanation, print_reconcile
 
 OptionalPathsArg = Annotated[
     list[str] | None,
@@ -88,5 +92,44 @@ def reconcile(
     raise typer.Exit(result.exit_code)
 
 
+@expected_errors
+def explain(
+    key: Annotated[
+        str, typer.Argument(help="The lead key: an email, or a lead id (as the config's user_identifier).")
+    ],
+    config: ConfigOpt,
+    paths: OptionalPathsArg = None,
+    state: StateOpt = None,
+    report: Annotated[
+        list[Path] | None,
+        typer.Option("--report", help="A --report DIR of a sync, reconcile or retry (repeatable)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, or json (one document on stdout).")] = "table",
+    allow_incomplete: AllowIncompleteOpt = False,
+) -> None:
+    """Explain one person's consent: every record that touched KEY, in fold order, what won each
+    field and why, what would be or was sent, and Marketo's last answer. Needs no credentials.
+
+    Exit 0 when something mentions KEY, 1 when nothing does, 2 usage or config error.
+    """
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format {fmt!r}: expected table or json")
+    cfg = load_config_with(config)
+    for directory in report or []:
+        if not directory.is_dir():
+            raise ConfigError(f"--report {directory}: no such report directory")
+    result = run_explain(
+        cfg, key, list(paths or []), state=str(state) if state else cfg.state, reports=list(report or []),
+        allow_incomplete=allow_incomplete,
+    )  # fmt: skip
+    doc = result.to_json()
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(doc).decode() + "\n")
+    else:
+        print_explanation(out, doc)
+    raise typer.Exit(0 if result.found else 1)
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(explain)
     app.command()(reconcile)

@@ -1,0 +1,324 @@
+"""`explain KEY`: what happened to one person's consent, and why Marketo says what it says.
+
+Nothing here decides consent: every record that touches the key is fed, in input order, through
+a real `Fold` built exactly as `sync` builds it, and explain only watches. What a record says
+about each property is what a fresh fold makes of that record alone; a record won a property
+when, right after it was added, the fold holds exactly what that record said; a record was
+ignored when the fold reported it (pending, other regulation, deleted, anonymous, rejected...)
+with the fold's own reason. One owner per rule: the rules stay in `didomi/fold.py` and
+`plan.py`, and explain follows them when they change.
+
+It never needs credentials and never calls Marketo: Marketo's answers come from the state
+(confirmed values, pending payload, skip code) and from `--report` directories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from didomi_marketo.config import Config
+from didomi_marketo.didomi.fold import LATEST, NEVER, Fold, format_timestamp, normalise_key
+from didomi_marketo.didomi.readers import IncompletePartition, Problem, discover, read_records, sniff_json
+from didomi_marketo.didomi.records import Observation, Unusable, observations
+from didomi_marketo.errors import ConfigError
+from didomi_marketo.inputs import InputStats, build_fold
+from didomi_marketo.plan import Planner, keep_newer
+from didomi_marketo.state import StateStore, lead_record
+
+REPORT_FILES = ("delivered", "undelivered", "ignored", "rejected")
+
+
+@dataclass
+class Step:
+    """One input record that touched the key, in fold order."""
+
+    n: int  # its number in fold order (an export line holds a user status and its events)
+    source: str  # path:line
+    kind: str  # user | event | a webhook that is not applied (deleted)
+    created_at: Any = None
+    updated_at: Any = None
+    regulation: Any = None
+    status: Any = None
+    said: dict[str, Any] = field(default_factory=dict)  # Marketo field -> value, as it would be sent
+    applied: bool = True
+    ignored: str | None = None  # why the fold did not apply it (its category and reason)
+    won: list[str] = field(default_factory=list)  # fields this record held right after it was added
+
+
+@dataclass
+class Verdict:
+    """One Marketo field: the folded value, the record that won it, and why."""
+
+    field: str
+    value: Any
+    step: int | None  # the Step that won it
+    source: str | None
+    consent_at: str | None
+    reason: str
+
+
+@dataclass
+class Explanation:
+    key: str
+    identifier: str
+    steps: list[Step] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    payload: dict[str, Any] | None = None  # what a sync would send now (None: nothing)
+    payload_note: str = ""
+    state: dict[str, Any] | None = None  # the state's record of the lead (state show KEY)
+    reports: list[dict[str, Any]] = field(default_factory=list)  # lines of --report files
+    inputs_read: int = 0
+    state_given: bool = False
+
+    @property
+    def found(self) -> bool:
+        return bool(self.steps or self.state or self.reports)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["found"] = self.found
+        return out
+
+
+def match_key(raw: str, identifier: str) -> str:
+    """KEY as the sync matches it: emails case-insensitively, lead ids as numbers."""
+    key, why = normalise_key(raw, identifier)
+    if key is None:
+        raise ConfigError(f"KEY {raw!r}: {why}")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------
+# the records of one key, through a real fold
+
+
+class _Watcher:
+    """Collects what the fold reports about the key's records (ignored, rejected)."""
+
+    def __init__(self) -> None:
+        self.last: tuple[str, str] | None = None
+
+    def __call__(self, category: str, path: str, line: int, reason: str, key: Any) -> None:
+        self.last = (category, reason)
+
+
+def trace(config: Config, paths: list[str], key: str, allow_incomplete: bool = False,
+          stats: InputStats | None = None) -> tuple[list[Step], list[Verdict], list[Any] | None]:  # fmt: skip
+    """Every record of `paths` that touches `key`, the per-field verdicts, and the fold state."""
+    stats = stats if stats is not None else InputStats()
+    watcher = _Watcher()
+    fold = build_fold(config, watcher)
+    planner = Planner(config.mappings, fold.schema, config.lookup_field, None, config.action)
+    # The fold state's slots: each property's (value, timestamp), and the latest applied time.
+    slots = {p.name: fold.schema.slots[p.name] for p in fold.schema.properties}
+    props = {p.name: p for p in fold.schema.properties}
+    steps: list[Step] = []
+    holder: dict[str, Step] = {}  # property (or "updated_at") -> the record holding it now
+    reasons: dict[str, str] = {}
+    try:
+        for path, obs in _records_of(config, paths, key, allow_incomplete, stats):
+            if isinstance(obs, Unusable):
+                steps.append(Step(len(steps) + 1, f"{path}:{obs.line}", "webhook", applied=False,
+                                  ignored=f"{obs.category}: {obs.reason}"))  # fmt: skip
+                continue
+            step = _step(len(steps) + 1, path, obs)
+            step.said = _said(config, obs, props)
+            steps.append(step)
+            before = _state(fold, key)
+            watcher.last = None
+            fold.add(obs, path)
+            if watcher.last is not None:
+                step.applied = False
+                step.ignored = f"{watcher.last[0]}: {watcher.last[1]}"
+                continue
+            after, alone = _state(fold, key), _probe(config, obs, path, key)
+            if after is None or alone is None:
+                continue
+            # A record holds a slot when, right after it was added, the fold holds exactly what
+            # the fold makes of that record alone (its value at its time).
+            for name, slot in [*slots.items(), ("updated_at", LATEST - 1)]:
+                v = slot + 1  # where the slot's timestamp is (LATEST for updated_at)
+                if name != "updated_at" and (alone[slot] is None or after[slot] != alone[slot]):
+                    continue
+                if after[v] != alone[v] or alone[v] == NEVER:
+                    continue
+                previous = holder.get(name)
+                tied = previous is not None and before is not None and before[v] == after[v]
+                holder[name] = step
+                reasons[name] = (
+                    f"tie with #{previous.n} (same time): the later record in input order wins"
+                    if tied and previous is not None
+                    else "latest consent timestamp"
+                    if name != "updated_at"
+                    else "the time of the latest applied record"
+                )
+        state = _state(fold, key)
+    finally:
+        fold.close()
+    verdicts = _verdicts(config, planner, state, holder, reasons)
+    for verdict in verdicts:
+        winner = next((s for s in steps if s.n == verdict.step), None)
+        if winner is not None:
+            winner.won.append(verdict.field)
+    return steps, verdicts, state
+
+
+def _records_of(config: Config, paths: list[str], key: str, allow_incomplete: bool,
+                stats: InputStats) -> Iterator[tuple[str, Observation | Unusable]]:  # fmt: skip
+    """The observations (and deleted webhooks) whose key is `key`, in input order."""
+    identifier = config.identifier
+    for item in discover(paths, allow_incomplete):
+        if isinstance(item, Problem | IncompletePartition):
+            continue  # `sync` reports these; explain follows the records that can reach the key
+        if item.walked and not sniff_json(item):
+            continue
+        stats.files += 1
+        for rec in read_records(item):
+            if isinstance(rec, Problem):
+                continue
+            value, line = rec
+            stats.records += 1
+            for ob in observations(value, line):
+                raw = ob.key
+                if raw is None or normalise_key(raw, identifier)[0] != key:
+                    continue
+                yield item.display, ob
+
+
+def _step(n: int, path: str, obs: Observation) -> Step:
+    created = obs.timestamp if obs.kind == "event" else None
+    updated = obs.timestamp if obs.kind == "user" else None
+    return Step(n, f"{path}:{obs.line}", obs.kind, created, updated, obs.regulation, obs.status)
+
+
+def _probe(config: Config, obs: Observation, path: str, key: str) -> list[Any] | None:
+    """What the fold makes of this one record alone (its values and their timestamps)."""
+    probe = build_fold(config, lambda *_: None)
+    try:
+        probe.add(obs, path)
+        return _state(probe, key)
+    finally:
+        probe.close()
+
+
+def _said(config: Config, obs: Observation, props: dict[str, Any]) -> dict[str, Any]:
+    """What the record says about each mapped field, rendered as a sync would send it (shown for
+    ignored records too: what they would have changed)."""
+    plist = obs.consents.get("purposes")
+    purposes = {p.get("id"): p for p in plist if isinstance(p, dict)} if isinstance(plist, list) else None
+    out: dict[str, Any] = {}
+    for m in config.mappings:
+        if m.source is None or m.source.name not in props:
+            continue
+        value = props[m.source.name].extract(purposes, obs.consents, obs.user)
+        if value is not None:
+            out[m.field] = m.render(value)
+    return out
+
+
+def _state(fold: Fold, key: str) -> list[Any] | None:
+    for k, state in fold.leads():
+        if k == key:
+            return list(state)
+    return None
+
+
+def _verdicts(config: Config, planner: Planner, state: list[Any] | None, holder: dict[str, Step],
+              reasons: dict[str, str]) -> list[Verdict]:  # fmt: skip
+    """Per mapped field: the value a sync sends (planner.values), and the record holding it."""
+    if state is None:
+        return []
+    fields, stamps = planner.values(state)
+    out = []
+    for m in config.mappings:
+        if m.field not in fields:
+            continue
+        ts = stamps.get(m.field)
+        at = format_timestamp(ts) if ts not in (None, NEVER, 0.0) else None
+        if m.source is None:
+            out.append(Verdict(m.field, fields[m.field], None, None, None, "a constant of the mapping"))
+            continue
+        won = holder.get(m.source.name)
+        out.append(Verdict(m.field, fields[m.field], won.n if won else None, won.source if won else None, at,
+                           reasons.get(m.source.name, "latest consent timestamp")))  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Marketo's answers: the state and the reports
+
+
+def report_lines(directories: Iterable[Path], key: str) -> list[dict[str, Any]]:
+    """Every line of the reports' NDJSON files about `key`, with the file it came from."""
+    out = []
+    for directory in directories:
+        for name in REPORT_FILES:
+            path = Path(directory) / f"{name}.ndjson"
+            if not path.is_file():
+                continue
+            with open(path, "rb") as f:
+                for n, line in enumerate(f, 1):
+                    if key.encode() not in line.lower():
+                        continue  # cheap: most lines are about other leads
+                    try:
+                        rec = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(rec, dict) and str(rec.get("key", "")).lower() == key:
+                        out.append({"file": f"{path}:{n}", **rec})
+    return out
+
+
+def explain(config: Config, raw_key: str, paths: list[str], *, state: str | None = None,
+            reports: list[Path] | None = None, allow_incomplete: bool = False) -> Explanation:  # fmt: skip
+    key = match_key(raw_key, config.identifier)
+    result = Explanation(key, config.identifier)
+    stats = InputStats()
+    fold_state = None
+    if paths:
+        result.steps, result.verdicts, fold_state = trace(config, paths, key, allow_incomplete, stats)
+        result.inputs_read = stats.records
+    prior = None
+    result.state_given = bool(state)
+    if state:
+        if not Path(state).is_file():
+            raise ConfigError(f"--state {state}: no such state file")
+        store = StateStore(state, readonly=True)
+        try:
+            prior = store.lead(key)
+        finally:
+            store.close()
+        if prior is not None:
+            result.state = lead_record(prior)
+    result.reports = report_lines(reports or [], key)
+    if fold_state is not None:
+        planner = Planner(config.mappings, build_fold(config, lambda *_: None).schema, config.lookup_field)
+        fields, stamps = planner.values(fold_state)
+        if not fields:
+            result.payload_note = "nothing to send: no mapped consent property has a value"
+        else:
+            kept = keep_newer(prior.confirmed, fields, stamps) if prior is not None else 0
+            lookup = config.lookup_field
+            result.payload = {lookup: int(key) if lookup == "id" else key, **fields}
+            confirmed = {k: v[0] for k, v in prior.confirmed.items()} if prior is not None else {}
+            if prior is not None and all(confirmed.get(k) == v for k, v in fields.items()):
+                result.payload_note = "Marketo already confirmed these values: the next sync sends nothing"
+            elif prior is not None and prior.pending:
+                result.payload_note = f"pending: the next sync re-sends it ({prior.pending_reason})"
+            else:
+                result.payload_note = "what the next sync sends (without --state: every sync)"
+            if kept:
+                result.payload_note += f"; {kept} field(s) keep a newer consent the state holds"
+    elif prior is not None and prior.confirmed:
+        lookup = config.lookup_field
+        result.payload = {
+            lookup: int(key) if lookup == "id" else key,
+            **{k: v[0] for k, v in prior.confirmed.items()},
+        }
+        result.payload_note = "the values Marketo last confirmed (from the state; no input given)"
+    return result
