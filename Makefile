@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The cloud storage emulators the tests start (moto's S3 server, gcp-storage-emulator) get their own
+# venv: moto[server] wants the newest botocore, s3fs's aiobotocore pins an older one.
+EMU_VENV  ?= .venv-emulators
+EMU_STAMP := $(EMU_VENV)/.installed
 
-.PHONY: install demo test lint bench samples clean
+.PHONY: install emulators demo test lint bench samples clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +18,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(EMU_STAMP): tests/emulators.txt
+	$(PYTHON) -m venv $(EMU_VENV)
+	$(EMU_VENV)/bin/pip install --quiet --upgrade pip
+	$(EMU_VENV)/bin/pip install --quiet -r tests/emulators.txt
+	touch $(EMU_STAMP)
+
+## emulators: the S3 and GCS servers the cloud storage tests start on 127.0.0.1 (cached by a stamp)
+emulators: $(EMU_STAMP)
+
 ## demo: start the local Marketo sandbox, sync sample_exports/ into it, show the leads and the report
 demo: install
 	bash scripts/demo.sh
 
-## test: unit, property and end-to-end tests (the sandbox runs on 127.0.0.1)
-test: install
+## test: unit, property and end-to-end tests (the sandbox and the storage emulators run on 127.0.0.1)
+test: install emulators
 	$(BIN)/pytest -q
 
 lint: install
@@ -37,4 +50,4 @@ samples:
 	$(PYTHON) scripts/make_samples.py
 
 clean:
-	rm -rf $(VENV) demo-report .pytest_cache .hypothesis
+	rm -rf $(VENV) $(EMU_VENV) demo-report .pytest_cache .hypothesis

@@ -116,3 +116,25 @@ def run_subprocess(*args: Any, env: dict[str, str] | None = None, timeout: float
         [sys.executable, "-m", "didomi_marketo", *map(str, args)],
         capture_output=True, text=True, env=full_env, timeout=timeout, **kw,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Cloud storage emulators (tests/emulators.py): one moto S3 server and one gcp-storage-emulator
+# per session, each a real HTTP server on a free 127.0.0.1 port, stopped at the end.
+
+from emulators import NO_METADATA, GCSEmulator, S3Emulator, gcs_emulator, s3_emulator  # noqa: E402
+
+# No credential chain in any test may reach a cloud metadata service.
+os.environ.update(NO_METADATA)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Emulator]:
+    with s3_emulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[GCSEmulator]:
+    with gcs_emulator() as emulator:
+        yield emulator

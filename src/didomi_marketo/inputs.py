@@ -6,12 +6,14 @@ so each reads exactly as `sync` does. The consent rules themselves live in `dido
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from didomi_marketo.config import Config
 from didomi_marketo.didomi.fold import Fold, FoldSchema, IssueSink
 from didomi_marketo.didomi.readers import (
+    ALL_DATES,
+    DateWindow,
     IncompletePartition,
     InputFile,
     Problem,
@@ -23,6 +25,7 @@ from didomi_marketo.didomi.records import Observation, observations
 from didomi_marketo.mapping import FieldMapping
 from didomi_marketo.outcomes import payload_hash
 from didomi_marketo.state import StateStore, input_unit
+from didomi_marketo.storage import AccessProblem, check_urls, discover_url, is_url
 
 
 @dataclass
@@ -32,21 +35,40 @@ class InputStats:
     files_unchanged: int = 0  # skipped: unchanged since the state recorded them
     records: int = 0
     partitions_refused: list[str] = field(default_factory=list)
+    access_denied: list[str] = field(default_factory=list)  # cloud storage refused us: exit 3
+
+
+def discover_all(
+    paths: list[str], allow_incomplete: bool = False, window: DateWindow = ALL_DATES
+) -> Iterator[InputFile | Problem | IncompletePartition]:
+    """Local paths and `s3://` / `gs://` URLs, in command-line order, into the same items."""
+    for raw in paths:
+        if is_url(raw):
+            yield from discover_url(raw, allow_incomplete, window)
+        else:
+            yield from discover([raw], allow_incomplete, window)
 
 
 def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats,
-              on_file: Callable[[InputFile], bool] | None = None) -> None:  # fmt: skip
-    """Feed every record of `paths` into the fold. `on_file` may veto a file (state: unchanged)."""
+              on_file: Callable[[InputFile], bool] | None = None,
+              window: DateWindow = ALL_DATES) -> None:  # fmt: skip
+    """Feed every record of `paths` into the fold. `on_file` may veto a file (state: unchanged);
+    `window` selects `date=` partitions by name. Raises ConfigError for an unusable URL."""
+    check_urls(paths)
     add, reject = fold.add, fold.reject
-    for item in discover(paths, allow_incomplete):
+    for item in discover_all(paths, allow_incomplete, window):
         if isinstance(item, Problem):
+            if isinstance(item, AccessProblem):
+                stats.access_denied.append(item.path)
             reject("rejected", item.path, item.line, item.reason)
             continue
         if isinstance(item, IncompletePartition):
             stats.partitions_refused.append(item.partition)
             reject("rejected", item.partition, 0, str(item).split(": ", 1)[1])
             continue
-        if item.walked and not sniff_json(item):
+        # Inside a Didomi partition every *.json.gz is data: no need to open it to decide (an
+        # unchanged remote partition is then skipped without a single read).
+        if item.walked and item.partition is None and not sniff_json(item):
             stats.files_skipped += 1
             continue
         if on_file is not None and not on_file(item):
@@ -96,7 +118,7 @@ class InputFilter:
     def __call__(self, f: InputFile) -> bool:
         # A partition is one unit only when it was walked whole; a file named on the command
         # line is its own unit (else syncing one part would mark the whole partition done).
-        key = f.partition if f.walked and f.partition else str(f.path)
+        key = f.partition if f.walked and f.partition else f.display
         if key not in self._decided:
             try:
                 identity = input_unit(f, whole_partition=f.walked)

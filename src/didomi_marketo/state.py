@@ -254,6 +254,10 @@ def input_unit(f: InputFile, whole_partition: bool = True) -> tuple[str, str] | 
     whole), else the file. None for stdin."""
     if f.display == "<stdin>":
         return None
+    if f.source is not None:  # cloud storage: identities from the listing (ETags), nothing read
+        if f.partition and whole_partition and f.source.partition_fingerprint:
+            return f.partition, f.source.partition_fingerprint
+        return f.display, f.source.fingerprint
     if f.partition and whole_partition:
         part = Path(f.partition)
         files = sorted(p for p in part.rglob("*.json.gz") if p.is_file())

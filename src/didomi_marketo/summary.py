@@ -12,9 +12,12 @@ from didomi_marketo.inputs import InputStats
 from didomi_marketo.plan import PlanStats
 
 
-def exit_code(delivery: DeliveryStats | None, rejected_input: bool = False) -> int:
-    """3 aborted; 1 rejected input or leads failed/skipped unexpectedly; else 0."""
-    if delivery is not None and delivery.fatal:
+def exit_code(
+    delivery: DeliveryStats | None, rejected_input: bool = False, input_denied: bool = False
+) -> int:
+    """3 aborted, or cloud storage refused our credentials (a person must act; the rest of the
+    input was still delivered); 1 rejected input or leads failed/skipped unexpectedly; else 0."""
+    if (delivery is not None and delivery.fatal) or input_denied:
         return 3
     if rejected_input:
         return 1
@@ -89,6 +92,7 @@ def _input_json(inputs: InputStats, fs: FoldStats) -> dict[str, Any]:
         "files_skipped": inputs.files_skipped,
         "files_unchanged": inputs.files_unchanged,
         "partitions_refused": inputs.partitions_refused,
+        "access_denied": inputs.access_denied,
         "records": inputs.records,
         "observations": fs.observations,
         "user_statuses": fs.user_statuses,

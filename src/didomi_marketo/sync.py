@@ -21,6 +21,7 @@ from didomi_marketo.check import BLOCKING_KINDS, schema_problems
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
 from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.didomi.fold import FoldSchema
+from didomi_marketo.didomi.readers import ALL_DATES, DateWindow
 from didomi_marketo.errors import ConfigError, FatalError
 from didomi_marketo.inputs import InputFilter, InputStats, build_fold, read_into
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
@@ -31,6 +32,7 @@ from didomi_marketo.outcomes import LeadOutcome, LeadUpdate
 from didomi_marketo.plan import Planner
 from didomi_marketo.report import Report, read_retryable
 from didomi_marketo.state import StateLock, StateStore
+from didomi_marketo.storage import check_urls
 from didomi_marketo.summary import RunSummary, exit_code
 
 SAMPLES = 3
@@ -49,6 +51,7 @@ class SyncOptions:
     full: bool = False  # ignore the state for this run (and refresh it)
     wait_lock: float = 0.0  # seconds to wait for another run holding the state lock
     check_schema: bool = True  # refuse to send when a mapped field is missing or read-only
+    window: DateWindow = ALL_DATES  # --since / --until: which date= partitions to read
 
 
 @dataclass
@@ -104,6 +107,7 @@ def run_sync(
         if store is not None and credentials is not None and not options.dry_run:
             store.bind_instance(credentials.base_url)
         try:
+            check_urls(options.paths)  # a URL without its extra installed: exit 2 before any call
             if not options.dry_run:
                 assert credentials is not None
                 # Fail fast on bad credentials before reading gigabytes of input.
@@ -111,7 +115,7 @@ def run_sync(
                     _preflight(credentials, config, store, options.check_schema, warn)
                 )
             inputs = InputFilter(store, options.full, config) if store is not None else None
-            read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs)
+            read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window)
             if inputs is not None:
                 input_stats.files_unchanged = inputs.unchanged
             folded = fold.size_hint()  # for the quota estimate and the progress bar
@@ -133,7 +137,8 @@ def run_sync(
             fold.close()
     summary = RunSummary(
         "dry-run" if options.dry_run else "sync", started, time.time(), config.identity(), planner.stats,
-        exit_code=exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused)),
+        exit_code=exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused),
+                            bool(input_stats.access_denied)),
         inputs=input_stats, fold=fold.stats, leads_folded=planner.stats.leads, delivery=delivery,
     )  # fmt: skip
     report.finish(summary.to_json())

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from didomi_marketo import __version__
 from didomi_marketo.config import Config, load_config
+from didomi_marketo.didomi.readers import DateWindow
 from didomi_marketo.errors import ConfigError, DidomiMarketoError
 from didomi_marketo.render import print_summary
 from didomi_marketo.report import SHOW_ISSUES, Report
@@ -43,9 +45,19 @@ err = Console(stderr=True, highlight=False)
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Didomi Marketo integration config (JSON or YAML).")
 ]
-PathsArg = Annotated[list[str], typer.Argument(help="Files, folders (recursive) or - for stdin.")]
+PathsArg = Annotated[
+    list[str], typer.Argument(help="Files, folders (recursive), s3:// or gs:// URLs, or - for stdin.")
+]
 AllowIncompleteOpt = Annotated[
     bool, typer.Option("--allow-incomplete", help="Read export partitions without _SUCCESS.")
+]
+SinceOpt = Annotated[
+    str | None,
+    typer.Option("--since", metavar="YYYY-MM-DD", help="Read only date= partitions from this day on."),
+]
+UntilOpt = Annotated[
+    str | None,
+    typer.Option("--until", metavar="YYYY-MM-DD", help="Read only date= partitions up to this day."),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print every rejected record.")]
@@ -111,6 +123,24 @@ def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
             _json_log = None  # one command's --log-format never leaks into the next (tests)
 
     return wrapper
+
+
+def date_window(since: str | None, until: str | None) -> DateWindow:
+    """--since / --until as a DateWindow (inclusive days), or a ConfigError naming the option."""
+    problems = []
+    for flag, value in (("--since", since), ("--until", until)):
+        if value is None:
+            continue
+        try:
+            if date.fromisoformat(value).isoformat() != value:
+                raise ValueError
+        except ValueError:
+            problems.append(f"{flag} {value}: not a day (YYYY-MM-DD)")
+    if not problems and since and until and since > until:
+        problems.append(f"--since {since} is after --until {until}: no partition would be read")
+    if problems:
+        raise ConfigError(problems)
+    return DateWindow(since, until)
 
 
 def load_config_with(config_path: Path, upsert: bool | None = None) -> Config:

@@ -14,9 +14,12 @@ from didomi_marketo.cli.common import (
     PathsArg,
     ProgressBar,
     QuietOpt,
+    SinceOpt,
     StateOpt,
+    UntilOpt,
     VerboseOpt,
     WaitLockOpt,
+    date_window,
     err,
     expected_errors,
     finish,
@@ -48,6 +51,8 @@ def sync(
         Path | None, typer.Option("--output", help="Dry run: write every payload as NDJSON.")
     ] = None,
     allow_incomplete: AllowIncompleteOpt = False,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
     max_calls: Annotated[
         int | None, typer.Option("--max-calls", min=1, help="Cap the Marketo calls this run may spend.")
     ] = None,
@@ -91,6 +96,7 @@ def sync(
         paths=paths, dry_run=dry_run, allow_incomplete=allow_incomplete,
         output=str(output) if output else None, rate_window=rate_window, daily_quota=daily_quota,
         state=state_path, full=full, wait_lock=wait_lock, check_schema=not skip_schema_check,
+        window=date_window(since, until),
     )  # fmt: skip
     rep = make_report(report, verbose, log)
     log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 
@@ -35,14 +35,47 @@ class Problem:
     reason: str
 
 
+class Source(Protocol):
+    """Where a file's bytes come from when it is not on the local disk (cloud storage: the
+    `storage` module). Its identities come from the listing, so an unchanged input is skipped
+    without being read."""
+
+    @property
+    def fingerprint(self) -> str: ...  # the object's own identity (size, ETag)
+
+    @property
+    def partition_fingerprint(self) -> str | None: ...  # its whole partition's, when listed whole
+
+    def open(self, head_only: bool = False) -> IO[bytes]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class InputFile:
     """One file to read, and the export partition it belongs to (if any)."""
 
-    path: Path
-    display: str
+    path: Path  # a local file; for a `source` file only its display, as a path
+    display: str  # the path or URL that reports show
     partition: str | None = None
     walked: bool = False  # found by walking a folder (not named on the command line)
+    source: Source | None = None  # not a local file: read through this
+
+
+@dataclass(frozen=True, slots=True)
+class DateWindow:
+    """`--since` / `--until`: which `date=YYYY-MM-DD` partitions a folder walk enters (inclusive).
+    Chosen by the folder's name, so the partitions left out are never listed."""
+
+    since: str | None = None
+    until: str | None = None
+
+    def admits(self, folder: str) -> bool:
+        if not PARTITION_DIR.match(folder):
+            return True
+        day = folder[len("date=") :]
+        return (self.since is None or day >= self.since) and (self.until is None or day <= self.until)
+
+
+ALL_DATES = DateWindow()
 
 
 class IncompletePartition(Exception):
@@ -75,8 +108,13 @@ def partition_complete(directory: Path) -> bool:
     return any(c.exists() for c in candidates)
 
 
+def skipped_name(name: str) -> bool:
+    """Hidden files and folders, `_`-markers and `_`-prefixed folders (Spark's `_temporary/`)."""
+    return name.startswith((".", "_"))
+
+
 def discover(
-    paths: list[str], allow_incomplete: bool = False
+    paths: list[str], allow_incomplete: bool = False, window: DateWindow = ALL_DATES
 ) -> Iterator[InputFile | Problem | IncompletePartition]:
     """Expand the command-line paths into files, in a stable (sorted) order.
 
@@ -89,7 +127,7 @@ def discover(
             continue
         path = Path(raw)
         if path.is_dir():
-            yield from _walk(path, allow_incomplete)
+            yield from _walk(path, allow_incomplete, window)
         elif path.is_file():
             partition = _enclosing_partition(path)
             # A file named inside a partition is as partial as the partition: the _SUCCESS
@@ -109,7 +147,9 @@ def _enclosing_partition(path: Path) -> Path | None:
     return None
 
 
-def _walk(root: Path, allow_incomplete: bool) -> Iterator[InputFile | IncompletePartition | Problem]:
+def _walk(
+    root: Path, allow_incomplete: bool, window: DateWindow
+) -> Iterator[InputFile | IncompletePartition | Problem]:
     unreadable: list[OSError] = []
     seen: set[str] = set()  # real paths: symlinked folders are followed, loops are not
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append, followlinks=True):
@@ -122,7 +162,8 @@ def _walk(root: Path, allow_incomplete: bool) -> Iterator[InputFile | Incomplete
             continue
         seen.add(real)
         # Hidden folders and `_`-prefixed ones (Spark's `_temporary/`, half-written output) are skipped.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
+        # Partitions outside --since/--until are dropped by name, before they are listed.
+        dirnames[:] = sorted(d for d in dirnames if not skipped_name(d) and window.admits(d))
         here = Path(dirpath)
         if is_partition(here) and here.name != "users":
             continue  # its users/ folder is the partition; we get there next
@@ -137,7 +178,7 @@ def _walk(root: Path, allow_incomplete: bool) -> Iterator[InputFile | Incomplete
             dirnames[:] = []
             continue
         for name in sorted(filenames):
-            if name.startswith((".", "_")):
+            if skipped_name(name):
                 continue
             if partition is not None and not name.endswith(".json.gz"):
                 continue
@@ -150,15 +191,19 @@ def _walk(root: Path, allow_incomplete: bool) -> Iterator[InputFile | Incomplete
 # Records from one file
 
 
-def open_binary(f: InputFile) -> IO[bytes]:
-    """Open a file (or stdin), transparently gunzipping when the content is gzip."""
+def open_binary(f: InputFile, head_only: bool = False) -> IO[bytes]:
+    """Open a file (or stdin), transparently gunzipping when the content is gzip.
+    `head_only`: only its first bytes will be read (a remote file then fetches a small range)."""
     if f.display == "<stdin>":
         data = sys.stdin.buffer.read()
         if data[:2] == GZIP_MAGIC:
             data = gzip.decompress(data)
         return io.BytesIO(data)
-    raw = open(f.path, "rb")  # noqa: SIM115 - returned to the caller, closed there
-    head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+    if f.source is not None:
+        raw: IO[bytes] = f.source.open(head_only)
+    else:
+        raw = open(f.path, "rb")  # noqa: SIM115 - returned to the caller, closed there
+    head = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
     if head == GZIP_MAGIC:
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     return raw
@@ -167,7 +212,7 @@ def open_binary(f: InputFile) -> IO[bytes]:
 def sniff_json(f: InputFile) -> bool:
     """Whether a file found in a folder looks like JSON (or gzip): skip READMEs and the like."""
     try:
-        with open_binary(f) as fh:
+        with open_binary(f, head_only=True) as fh:
             head = fh.read(512).lstrip()
     except (OSError, EOFError, zlib.error):
         return True  # let read_records report the real problem
