@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import SAMPLES, event, make_config, write_ndjson
-from emulators import upload_tree
+from emulators import read_only_policy, upload_tree
 
 ENV = {"MARKETO_CLIENT_ID": "sandbox-client", "MARKETO_CLIENT_SECRET": "sandbox-secret"}
 
@@ -212,3 +212,184 @@ def test_a_partition_without_success_is_refused_and_the_others_land(s3, sandbox,
                 "--allow-incomplete", env={**ENV, **s3.env()})  # fmt: skip
     assert again.exit_code == 0, again.output
     assert sandbox.lead_by_email("half@example.com")["didomiNewsletterOptIn"] is True
+
+
+def test_unusable_google_credentials_are_one_line_exit_3(gcs, tmp_path, cli):
+    bad = tmp_path / "sa.json"
+    bad.write_text("{not json")
+    env = {"STORAGE_EMULATOR_HOST": None, "GOOGLE_APPLICATION_CREDENTIALS": str(bad), "NO_GCE_CHECK": "true"}
+    result = cli("sync", "gs://some-bucket/data", "-c", make_config(tmp_path), "--dry-run", env=env)
+    assert result.exit_code == 3, result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("gs://")]
+    assert line.startswith("gs://some-bucket/data: no usable Google credentials (")
+    assert line.endswith("set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`")
+    assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials from the standard chain: Didomi's bucket through an assumed role
+
+
+def test_role_arn_with_source_profile_reads_a_bucket_only_the_role_may_read(s3, sandbox, tmp_path, cli):
+    """Didomi's set-up: your own identity may only assume Didomi's role; the role may read."""
+    bucket = bucket_name()
+    s3.create_bucket(bucket)
+    local = tmp_path / "export"
+    export_partition(local, "2026-11-01", [didomi_user("role@example.com", "2026-11-01T00:00:00Z", True)])
+    upload_tree(s3, local, f"s3://{bucket}/data")
+    role_arn = s3.create_role("didomi-" + bucket, read_only_policy(bucket))
+    key, secret = s3.create_user("me-" + bucket, {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": role_arn}]})  # fmt: skip
+    (tmp_path / "credentials").write_text(
+        f"[me]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n"
+    )
+    (tmp_path / "config").write_text(
+        "[profile me]\nregion = us-east-1\n\n"
+        f"[profile didomi]\nrole_arn = {role_arn}\nsource_profile = me\nexternal_id = acme-org\n"
+        "region = us-east-1\n"
+    )
+    chain = {**s3.env(), "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+             "AWS_CONFIG_FILE": str(tmp_path / "config"),
+             "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials")}  # fmt: skip
+    config = make_config(tmp_path, sandbox)
+
+    mine = cli(
+        "sync", f"s3://{bucket}/data", "-c", config, "--upsert", env={**ENV, **chain, "AWS_PROFILE": "me"}
+    )
+    assert mine.exit_code == 3
+    assert f"access denied to bucket '{bucket}' while listing (AccessDenied)" in mine.stderr
+    assert sandbox.lead_by_email("role@example.com") is None
+
+    role = cli(
+        "sync", f"s3://{bucket}/data", "-c", config, "--upsert", env={**ENV, **chain, "AWS_PROFILE": "didomi"}
+    )
+    assert role.exit_code == 0, role.output
+    assert sandbox.lead_by_email("role@example.com")["didomiNewsletterOptIn"] is True
+    assert secret not in mine.output + role.output
+
+
+# ---------------------------------------------------------------------------------------------
+# --state: partitions already synced are skipped by their ETags, without being read
+
+
+def test_state_skips_synced_partitions_by_etag_without_reading_them(s3, sandbox, tmp_path, cli):
+    bucket = bucket_name()
+    s3.create_bucket(bucket)
+    local = tmp_path / "export"
+    export_partition(local, "2026-11-01", [didomi_user("one@example.com", "2026-11-01T00:00:00Z", True)])
+    export_partition(local, "2026-11-02", [didomi_user("two@example.com", "2026-11-02T00:00:00Z", True)])
+    upload_tree(s3, local, f"s3://{bucket}/data")
+    config, state, url = make_config(tmp_path, sandbox), tmp_path / "state.db", f"s3://{bucket}/data"
+    first = cli("sync", url, "-c", config, "--upsert", "--state", state, env={**ENV, **s3.env()})
+    assert first.exit_code == 0, first.output
+    calls = sandbox.stats()["calls_total"]
+
+    # A reader that may list the bucket but not read one object: any read would be denied.
+    lister = s3.create_user("lister-" + bucket, {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{bucket}"}]})  # fmt: skip
+    second = cli("sync", url, "-c", config, "--upsert", "--state", state, "--report", tmp_path / "r2",
+                 env={**ENV, **s3.env(*lister)})  # fmt: skip
+    assert second.exit_code == 0, second.output
+    summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert summary["input"]["files"] == 0 and summary["input"]["files_unchanged"] == 2
+    assert summary["delivery"]["sent"] == 0
+
+    # A rewritten object has a new ETag: its partition is read again (and the lister may not).
+    part = f"{url}/export-id=e1/date=2026-11-02/users/part-00000.json.gz"
+    user = didomi_user("two@example.com", "2026-11-03T00:00:00Z", False)
+    s3.put(part, gzip.compress((json.dumps({"user": user, "events": []}) + "\n").encode()))
+    third = cli("sync", url, "-c", config, "--upsert", "--state", state, env={**ENV, **s3.env(*lister)})
+    assert third.exit_code == 3
+    assert f"{part}: cannot read: access denied to bucket '{bucket}' while reading an object" in third.stderr
+    fourth = cli("sync", url, "-c", config, "--upsert", "--state", state, "--report", tmp_path / "r4",
+                 env={**ENV, **s3.env()})  # fmt: skip
+    assert fourth.exit_code == 0, fourth.output
+    summary = json.loads((tmp_path / "r4" / "summary.json").read_text())
+    assert summary["input"]["files"] == 1 and summary["input"]["files_unchanged"] == 1
+    assert sandbox.lead_by_email("two@example.com")["didomiNewsletterOptIn"] is False
+    assert sandbox.stats()["calls_total"] > calls
+
+
+# ---------------------------------------------------------------------------------------------
+# --since / --until: partitions chosen by name, the others never listed
+
+
+def three_days(tmp_path: Path) -> Path:
+    """Nov 1 and Nov 3 complete; Nov 2 still being written (no _SUCCESS)."""
+    local = tmp_path / "export"
+    for day, success in (("01", True), ("02", False), ("03", True)):
+        users = [didomi_user(f"d{day}@example.com", f"2026-11-{day}T00:00:00Z", True)]
+        export_partition(local, f"2026-11-{day}", users, success)
+    return local
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "gcs"])
+def test_since_and_until_select_partitions_by_name(where, request, sandbox, tmp_path, cli):
+    local = three_days(tmp_path)
+    env: dict[str, str | None] = dict(ENV)
+    target = str(local)
+    if where != "local":
+        store = request.getfixturevalue(where)
+        bucket = bucket_name()
+        store.create_bucket(bucket)
+        target = f"{'s3' if where == 's3' else 'gs'}://{bucket}/data"
+        upload_tree(store, local, target)
+        env.update(store.env())
+    config = make_config(tmp_path, sandbox)
+    # Nov 2 is outside the window: not even listed, so its missing _SUCCESS refuses nothing.
+    result = cli("sync", target, "-c", config, "--upsert", "--since", "2026-11-03", "--report", tmp_path / "r",
+                 env=env)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [lead["email"] for lead in sandbox.leads() if lead["email"].startswith("d")] == ["d03@example.com"]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["input"]["files"] == 1 and summary["input"]["partitions_refused"] == []
+
+    result = cli("sync", target, "-c", config, "--upsert", "--until", "2026-11-01", env=env)
+    assert result.exit_code == 0, result.output
+    emails = sorted(lead["email"] for lead in sandbox.leads() if lead["email"].startswith("d"))
+    assert emails == ["d01@example.com", "d03@example.com"]
+
+    result = cli("sync", target, "-c", config, "--upsert", "--since", "2026-11-01", "--until", "2026-11-02",
+                 env=env)  # fmt: skip
+    assert result.exit_code == 1  # Nov 2 is inside this window, and incomplete
+    assert "date=2026-11-02/users: Didomi export partition has no _SUCCESS marker" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--since", "2026-13-01"], "--since 2026-13-01: not a day (YYYY-MM-DD)"),
+        (["--until", "yesterday"], "--until yesterday: not a day (YYYY-MM-DD)"),
+        (
+            ["--since", "2026-11-03", "--until", "2026-11-01"],
+            "--since 2026-11-03 is after --until 2026-11-01",
+        ),
+    ],
+)
+def test_a_bad_date_window_is_a_usage_error(args, message, tmp_path, cli):
+    result = cli("sync", tmp_path, "-c", make_config(tmp_path), "--dry-run", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_a_url_naming_one_object_in_a_partition_follows_the_success_rule(s3, tmp_path, cli):
+    local = three_days(tmp_path)
+    bucket = bucket_name()
+    s3.create_bucket(bucket)
+    upload_tree(s3, local, f"s3://{bucket}/data")
+    config, env = make_config(tmp_path), s3.env()
+    done = f"s3://{bucket}/data/export-id=e1/date=2026-11-01/users/part-00000.json.gz"
+    half = f"s3://{bucket}/data/export-id=e1/date=2026-11-02/users/part-00000.json.gz"
+    result = cli("sync", done, "-c", config, "--dry-run", "--upsert", env=env)
+    assert result.exit_code == 0, result.output
+    result = cli("sync", half, "-c", config, "--dry-run", "--upsert", env=env)
+    assert result.exit_code == 1
+    assert f"s3://{bucket}/data/export-id=e1/date=2026-11-02/users: Didomi export partition" in result.stderr
+    users = f"s3://{bucket}/data/export-id=e1/date=2026-11-03/users"  # a partition's users/ named directly
+    result = cli(
+        "sync", users, "-c", config, "--dry-run", "--upsert", "--output", tmp_path / "o.ndjson", env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert [json.loads(x)["email"] for x in (tmp_path / "o.ndjson").read_text().splitlines()] == [
+        "d03@example.com"
+    ]

@@ -6,7 +6,7 @@ so each reads exactly as `sync` does. The consent rules themselves live in `dido
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from didomi_marketo.config import Config
@@ -25,7 +25,7 @@ from didomi_marketo.didomi.records import Observation, observations
 from didomi_marketo.mapping import FieldMapping
 from didomi_marketo.outcomes import payload_hash
 from didomi_marketo.state import StateStore, input_unit
-from didomi_marketo.storage import AccessProblem, check_urls, discover_url, is_url
+from didomi_marketo.storage import check_urls, discover_url, is_url
 
 
 @dataclass
@@ -35,7 +35,7 @@ class InputStats:
     files_unchanged: int = 0  # skipped: unchanged since the state recorded them
     records: int = 0
     partitions_refused: list[str] = field(default_factory=list)
-    access_denied: list[str] = field(default_factory=list)  # cloud storage refused us: exit 3
+    access_denied: list[str] = field(default_factory=list)  # storage or the OS refused us: exit 3
 
 
 def discover_all(
@@ -50,17 +50,21 @@ def discover_all(
 
 
 def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats,
-              on_file: Callable[[InputFile], bool] | None = None,
+              unchanged: InputFilter | None = None,
               window: DateWindow = ALL_DATES) -> None:  # fmt: skip
-    """Feed every record of `paths` into the fold. `on_file` may veto a file (state: unchanged);
+    """Feed every record of `paths` into the fold. `unchanged` skips inputs the state has seen;
     `window` selects `date=` partitions by name. Raises ConfigError for an unusable URL."""
     check_urls(paths)
     add, reject = fold.add, fold.reject
+
+    def problem(p: Problem) -> None:
+        if p.denied:
+            stats.access_denied.append(p.path)
+        reject("rejected", p.path, p.line, p.reason)
+
     for item in discover_all(paths, allow_incomplete, window):
         if isinstance(item, Problem):
-            if isinstance(item, AccessProblem):
-                stats.access_denied.append(item.path)
-            reject("rejected", item.path, item.line, item.reason)
+            problem(item)
             continue
         if isinstance(item, IncompletePartition):
             stats.partitions_refused.append(item.partition)
@@ -71,14 +75,16 @@ def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: Input
         if item.walked and item.partition is None and not sniff_json(item):
             stats.files_skipped += 1
             continue
-        if on_file is not None and not on_file(item):
+        if unchanged is not None and not unchanged(item):
             continue
         stats.files += 1
         path = item.display
         for rec in read_records(item):
             stats.records += 1
             if isinstance(rec, Problem):
-                reject("rejected", rec.path, rec.line, rec.reason)
+                problem(rec)
+                if rec.line == 0 and unchanged is not None:
+                    unchanged.forget(item)  # not read: the next run must try it again
                 continue
             value, line = rec
             for ob in observations(value, line):
@@ -114,11 +120,22 @@ class InputFilter:
         self.units: dict[str, str] = {}
         self.unchanged = 0
         self._decided: dict[str, bool] = {}
+        self._unit: dict[str, str] = {}
 
-    def __call__(self, f: InputFile) -> bool:
+    @staticmethod
+    def _key(f: InputFile) -> str:
         # A partition is one unit only when it was walked whole; a file named on the command
         # line is its own unit (else syncing one part would mark the whole partition done).
-        key = f.partition if f.walked and f.partition else f.display
+        return f.partition if f.walked and f.partition else f.display
+
+    def forget(self, f: InputFile) -> None:
+        """`f` could not be read (denied, network, corrupt): its unit is not recorded as synced."""
+        unit = self._unit.get(self._key(f))
+        if unit is not None:
+            self.units.pop(unit, None)
+
+    def __call__(self, f: InputFile) -> bool:
+        key = self._key(f)
         if key not in self._decided:
             try:
                 identity = input_unit(f, whole_partition=f.walked)
@@ -129,6 +146,7 @@ class InputFilter:
             unit, fingerprint = identity
             fingerprint = f"{fingerprint}:{self.config_hash}"
             self._decided[key] = self.full or not self.store.input_unchanged(unit, fingerprint)
+            self._unit[key] = unit
             self.units[unit] = fingerprint
         if not self._decided[key]:
             self.unchanged += 1

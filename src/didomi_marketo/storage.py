@@ -56,12 +56,6 @@ BACKENDS = {
 }
 
 
-class AccessProblem(Problem):
-    """Storage refused us (credentials, permissions): a person must act, so the run exits 3."""
-
-    __slots__ = ()
-
-
 def is_url(raw: str) -> bool:
     return URL.match(raw) is not None
 
@@ -156,26 +150,25 @@ def _code(e: BaseException) -> str | None:
 
 def explain(e: BaseException, url: str, bucket: str, doing: str) -> Problem:
     """One line for a storage failure at `url`: what was refused, on which bucket, and the
-    provider's code (an AccessProblem when credentials or permissions are the cause)."""
+    provider's code (`denied` when credentials or permissions are the cause: the run exits 3)."""
     name = type(e).__name__
     code = _code(e)
     if isinstance(e, _Unusable):
-        return AccessProblem(url, 0, str(e))
+        return Problem(url, 0, str(e), denied=True)
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
-        return AccessProblem(
+        return Problem(
             url, 0, f"no AWS credentials found for bucket '{bucket}' ({_first_line(e)}): set AWS_PROFILE, "
-            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run where an instance role applies",
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run where an instance role applies", denied=True,
         )  # fmt: skip
     if code in _CREDENTIAL_CODES:
-        return AccessProblem(
-            url,
-            0,
-            f"bucket '{bucket}' refused the credentials while {doing}: {_CREDENTIAL_CODES[code]} ({code})",
+        reason = (
+            f"bucket '{bucket}' refused the credentials while {doing}: {_CREDENTIAL_CODES[code]} ({code})"
         )
+        return Problem(url, 0, reason, denied=True)
     if isinstance(e, PermissionError) or code in _DENIED_CODES:
-        return AccessProblem(
+        return Problem(
             url, 0, f"access denied to bucket '{bucket}' while {doing} ({code or _first_line(e)}): "
-            "the credentials in use may not do this; check the role or policy",
+            "the credentials in use may not do this; check the role or policy", denied=True,
         )  # fmt: skip
     if isinstance(e, FileNotFoundError):
         return Problem(
@@ -186,6 +179,11 @@ def explain(e: BaseException, url: str, bucket: str, doing: str) -> Problem:
 
 # ---------------------------------------------------------------------------------------------
 # Remote files
+
+
+def _as_os_error(problem: Problem) -> OSError:
+    """The readers report an OSError as `cannot read`, and a PermissionError as denied access."""
+    return PermissionError(problem.reason) if problem.denied else OSError(problem.reason)
 
 
 class _RawObject(io.RawIOBase):
@@ -202,7 +200,7 @@ class _RawObject(io.RawIOBase):
         try:
             return int(self.fh.readinto(buffer))
         except Exception as e:
-            raise OSError(explain(e, self.url, self.bucket, "reading an object").reason) from None
+            raise _as_os_error(explain(e, self.url, self.bucket, "reading an object")) from None
 
     def close(self) -> None:
         try:
@@ -231,7 +229,7 @@ class RemoteFile:
         try:
             fh = self.fs.open(self.path, "rb", cache_type="none")
         except Exception as e:
-            raise OSError(explain(e, self.url, self.bucket, "opening an object").reason) from None
+            raise _as_os_error(explain(e, self.url, self.bucket, "opening an object")) from None
         return io.BufferedReader(
             _RawObject(fh, self.url, self.bucket), HEAD_BUFFER if head_only else READ_BUFFER
         )
@@ -267,7 +265,7 @@ def discover_url(
         yield from walker.start(root)
     except Exception as e:  # listing failed: the whole URL is one problem, the run goes on
         problem = explain(e, url, bucket, "listing")
-        if isinstance(e, FileNotFoundError) and type(problem) is Problem and walker.fs is not None:
+        if isinstance(e, FileNotFoundError) and not problem.denied and walker.fs is not None:
             missing_bucket = root != bucket and not walker.fs.exists(bucket)
             problem = Problem(url, 0, f"no such bucket '{bucket}'" if missing_bucket else problem.reason)
         yield problem

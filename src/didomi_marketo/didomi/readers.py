@@ -33,6 +33,7 @@ class Problem:
     path: str
     line: int
     reason: str
+    denied: bool = False  # access was refused (permissions, credentials): a person must act
 
 
 class Source(Protocol):
@@ -155,7 +156,7 @@ def _walk(
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append, followlinks=True):
         while unreadable:  # a folder we may not list is reported, never silently skipped
             e = unreadable.pop()
-            yield Problem(str(e.filename or dirpath), 0, f"cannot read folder: {e.strerror}")
+            yield _unreadable_folder(e, dirpath)
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -184,7 +185,12 @@ def _walk(
                 continue
             yield InputFile(here / name, str(here / name), str(partition) if partition else None, True)
     for e in unreadable:
-        yield Problem(str(e.filename or root), 0, f"cannot read folder: {e.strerror}")
+        yield _unreadable_folder(e, str(root))
+
+
+def _unreadable_folder(e: OSError, where: str) -> Problem:
+    denied = isinstance(e, PermissionError)
+    return Problem(str(e.filename or where), 0, f"cannot read folder: {e.strerror}", denied)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +230,7 @@ def read_records(f: InputFile) -> Iterator[tuple[Any, int] | Problem]:
     try:
         fh = open_binary(f)
     except OSError as e:
-        yield Problem(f.display, 0, f"cannot read: {e.strerror or e}")
+        yield Problem(f.display, 0, f"cannot read: {e.strerror or e}", isinstance(e, PermissionError))
         return
     except (EOFError, zlib.error) as e:  # stdin: a truncated or corrupt gzip
         yield Problem(f.display, 0, f"cannot read: corrupt or truncated gzip ({e})")
@@ -234,7 +240,7 @@ def read_records(f: InputFile) -> Iterator[tuple[Any, int] | Problem]:
     except (EOFError, zlib.error) as e:  # BadGzipFile is an OSError; zlib.error is not
         yield Problem(f.display, 0, f"cannot read: corrupt or truncated gzip ({e})")
     except (OSError, UnicodeDecodeError) as e:
-        yield Problem(f.display, 0, f"cannot read: {e}")
+        yield Problem(f.display, 0, f"cannot read: {e}", isinstance(e, PermissionError))
     finally:
         fh.close()
 
