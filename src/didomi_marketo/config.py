@@ -35,7 +35,7 @@ PROPERTY_KEYS = {"user_identifier", "regulations"}
 MAPPING_KEYS = {"id", "value", "transform"}
 DELIVERY_KEYS = {
     "max_calls_per_20s", "max_concurrency", "max_calls", "batch_size",
-    "timeout", "retry_min_attempts", "retry_min_seconds",
+    "timeout", "retry_min_attempts", "retry_min_seconds", "bulk_poll_min_seconds", "bulk_poll_max_seconds",
 }  # fmt: skip
 DEFAULT_DAILY_QUOTA = 50_000  # Marketo's default daily API quota (calls a day, reset at midnight US Central)
 
@@ -58,6 +58,10 @@ class DeliverySettings:
     timeout: float = 120.0
     retry_min_attempts: int = 5
     retry_min_seconds: float = 300.0
+    # Bulk import jobs are polled every 5 s at first, then less often, up to every 30 s (Adobe's
+    # advice); shorter only for a sandbox with compressed time.
+    bulk_poll_min_seconds: float = 5.0
+    bulk_poll_max_seconds: float = 30.0
 
 
 @dataclass

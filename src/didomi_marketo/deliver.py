@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import orjson
 
 from didomi_marketo.config import DeliverySettings
 from didomi_marketo.errors import AuthError
+from didomi_marketo.marketo.bulk import BulkStats
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Stopped
 from didomi_marketo.marketo.codes import (
     AUTH,
@@ -42,6 +44,7 @@ class DeliveryStats:
     sent: int = 0  # leads posted to Marketo at least once
     created: int = 0
     updated: int = 0
+    imported: int = 0  # bulk import: delivered, but Marketo does not say created or updated
     skipped: Counter = field(default_factory=Counter)  # code -> leads
     expected_skips: int = 0
     failed: int = 0
@@ -59,6 +62,9 @@ class DeliveryStats:
     last_answer_at: float | None = None
     stop_reason: str | None = None  # why the run stopped early (quota, abort, budget)
     fatal: str | None = None  # the fatal error's message, for exit code 3
+    path: str = "rest"  # rest (Sync Leads) | bulk (bulk import)
+    path_reason: str = ""  # why that path: the --via choice, or what `auto` saw
+    bulk: BulkStats | None = None
 
     @property
     def delivery_seconds(self) -> float:
@@ -69,11 +75,11 @@ class DeliveryStats:
     @property
     def leads_per_second(self) -> float:
         s = self.delivery_seconds
-        return (self.created + self.updated + sum(self.skipped.values())) / s if s else 0.0
+        return (self.delivered + sum(self.skipped.values())) / s if s else 0.0
 
     @property
     def delivered(self) -> int:
-        return self.created + self.updated
+        return self.created + self.updated + self.imported
 
     @property
     def unexpected_skips(self) -> int:
@@ -110,6 +116,7 @@ class Engine:
         on_progress: Callable[[int], None] | None = None,
         window_seconds: float = 20.0,
         earlier_calls: Iterable[float] = (),
+        stats: DeliveryStats | None = None,
     ):
         self.client = client
         self.action = action
@@ -125,7 +132,7 @@ class Engine:
             self.clock, min_attempts=settings.retry_min_attempts, min_seconds=settings.retry_min_seconds
         )
         self.on_progress = on_progress
-        self.stats = DeliveryStats()
+        self.stats = stats or DeliveryStats()  # a run that collected bulk jobs first goes on counting
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -146,13 +153,17 @@ class Engine:
             for _ in workers:
                 await queue.put(None)
             await asyncio.gather(*workers)
-        self.stats.retries = self.policy.retries
-        self.stats.backoff_seconds = self.policy.backoff_seconds
-        self.stats.rate_limited = self.policy.rate_limited
-        self.stats.concurrency_limited = self.policy.concurrency_limited
-        self.stats.reauths = self.client.reauths
-        self.stats.max_in_flight = self.limiter.max_in_flight
-        return self.stats
+        return self._final_stats()
+
+    def _final_stats(self) -> DeliveryStats:
+        stats = self.stats
+        stats.retries += self.policy.retries
+        stats.backoff_seconds += self.policy.backoff_seconds
+        stats.rate_limited += self.policy.rate_limited
+        stats.concurrency_limited += self.policy.concurrency_limited
+        stats.reauths = self.client.reauths  # the client's count: engines of one run share it
+        stats.max_in_flight = max(stats.max_in_flight, self.limiter.max_in_flight)
+        return stats
 
     async def _worker(self, queue: asyncio.Queue[list[LeadUpdate] | None]) -> None:
         while (batch := await queue.get()) is not None:
@@ -225,23 +236,8 @@ class Engine:
         body = orjson.dumps(
             {"action": self.action, "lookupField": self.lookup_field, "input": [u.payload for u in batch]}
         )
-        budget = self.settings.max_calls
-        async with self.limiter.slot():
-            if stats.stop_reason:
-                raise Stopped(stats.stop_reason)
-            # Checked inside the slot: workers waiting for the window must not all pass it.
-            if budget is not None and stats.calls >= budget:
-                why = f"the --max-calls budget of {budget} calls is spent"
-                self.stop(why, fatal=why)
-                raise Stopped(why)
-            stats.calls += 1
-            now = self.clock.now()
-            if stats.first_call_at is None:
-                stats.first_call_at = now
-            try:
-                answer = await self.client.call("POST", SYNC_PATH, body=body)
-            finally:
-                stats.last_answer_at = self.clock.now()
+        async with self.slot():
+            answer = await self.client.call("POST", SYNC_PATH, body=body)
         results = answer.get("result")
         if not isinstance(results, list) or len(results) != len(batch):
             got = len(results) if isinstance(results, list) else "no"
@@ -252,6 +248,27 @@ class Engine:
             )
         stats.batches += 1
         return results
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One call's turn: a limiter slot, then the stop flag and the --max-calls budget."""
+        stats = self.stats
+        budget = self.settings.max_calls
+        async with self.limiter.slot():
+            if stats.stop_reason:
+                raise Stopped(stats.stop_reason)
+            # Checked inside the slot: workers waiting for the window must not all pass it.
+            if budget is not None and stats.calls >= budget:
+                why = f"the --max-calls budget of {budget} calls is spent"
+                self.stop(why, fatal=why)
+                raise Stopped(why)
+            stats.calls += 1
+            if stats.first_call_at is None:
+                stats.first_call_at = self.clock.now()
+            try:
+                yield
+            finally:
+                stats.last_answer_at = self.clock.now()
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -312,6 +329,8 @@ class Engine:
                 stats.created += 1
             elif o.status == "updated":
                 stats.updated += 1
+            elif o.status == "imported":
+                stats.imported += 1
             elif o.status == "skipped":
                 stats.skipped[o.code] += 1
                 stats.expected_skips += o.expected

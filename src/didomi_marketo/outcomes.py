@@ -36,9 +36,9 @@ class LeadOutcome:
     key: str
     payload: dict[str, Any]
     source: str
-    status: str  # created | updated | skipped | failed
+    status: str  # created | updated | imported (bulk: one or the other) | skipped | failed
     code: str = ""
-    reason: str = ""
+    reason: str = ""  # Marketo's reason for a skip or failure; a bulk import's warning if delivered
     retryable: bool = False
     expected: bool = False  # an expected skip (1004 under updateOnly)
     lead_id: int | None = None
@@ -46,7 +46,7 @@ class LeadOutcome:
 
     @property
     def delivered(self) -> bool:
-        return self.status in ("created", "updated")
+        return self.status in ("created", "updated", "imported")
 
 
 class OutcomeSink(Protocol):

@@ -35,10 +35,21 @@ def summary_table(summary: dict[str, Any]) -> Table:
     d = summary.get("delivery")
     if d:
         rows += [
+            ("delivery path", f"{d['path']} ({d['path_reason']})" if d.get("path_reason") else d["path"]),
             ("  posted to Marketo", d["sent"]),
             ("  created", d["created"]),
             ("  updated", d["updated"]),
         ]
+        if d.get("bulk"):
+            b = d["bulk"]
+            rows += [
+                ("  imported (bulk: created or updated)", d["imported"]),
+                (
+                    "bulk uploads / polls / file fetches",
+                    f"{b['uploads']} / {b['polls']} / {b['file_fetches']}",
+                ),
+                ("bulk queue-full (1016) waits", b["queue_full_waits"]),
+            ]
         for code, n in d["skipped"].items():
             rows.append((f"  skipped {code}", n))
         rows += [

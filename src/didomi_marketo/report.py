@@ -76,9 +76,10 @@ class Report:
     def batch_done(self, outcomes: list[LeadOutcome]) -> None:
         for o in outcomes:
             if o.delivered:
-                self._write(
-                    "delivered", {"key": o.key, "status": o.status, "id": o.lead_id, "source": o.source}
-                )
+                entry = {"key": o.key, "status": o.status, "id": o.lead_id, "source": o.source}
+                if o.reason:  # a bulk import row that imported with Marketo's warning
+                    entry["warning"] = o.reason
+                self._write("delivered", entry)
             else:
                 self._write("undelivered", outcome_record(o))
         for f in self._files.values():

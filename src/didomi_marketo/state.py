@@ -18,6 +18,7 @@ import hashlib
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,14 @@ CREATE TABLE IF NOT EXISTS inputs (
     synced_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB, at REAL);
+CREATE TABLE IF NOT EXISTS bulk_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id INTEGER,
+    lookup_field TEXT NOT NULL,
+    rows BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    submitted_at REAL
+);
 """
 BLOCK = 65536
 
@@ -161,6 +170,38 @@ class StateStore:
             db.execute("ROLLBACK")
             raise
 
+    # -- bulk import jobs (deliver_bulk.JobJournal) ---------------------------------------------
+    # A job is recorded with its leads before its upload starts, and gets its batch id as soon
+    # as Marketo answers: a run killed while a job imports leaves it here for the next run to
+    # collect, instead of uploading it again. The row goes once the job's outcomes are recorded.
+
+    def bulk_intent(self, lookup_field: str, rows: bytes) -> int:
+        with self.db:
+            cur = self.db.execute(
+                "INSERT INTO bulk_jobs (lookup_field, rows, created_at) VALUES (?, ?, ?)",
+                (lookup_field, zlib.compress(rows, 1), time.time()),
+            )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def bulk_submitted(self, job: int, batch_id: int) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE bulk_jobs SET batch_id = ?, submitted_at = ? WHERE id = ?",
+                (batch_id, time.time(), job),
+            )
+
+    def bulk_done(self, job: int) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM bulk_jobs WHERE id = ?", (job,))
+
+    def open_bulk_jobs(self) -> list[tuple[int, int | None, str, bytes]]:
+        """(job, batch id or None, lookup field, the leads' rows) of each job not yet collected."""
+        rows = self.db.execute(
+            "SELECT id, batch_id, lookup_field, rows FROM bulk_jobs ORDER BY id"
+        ).fetchall()
+        return [(r[0], r[1], r[2], zlib.decompress(r[3])) for r in rows]
+
     # -- inputs already synced ------------------------------------------------------------------
 
     def input_unchanged(self, unit: str, fingerprint: str) -> bool:
@@ -211,7 +252,15 @@ class StateStore:
             "SELECT COUNT(*), COUNT(confirmed), COUNT(pending), COUNT(skipped_hash) FROM leads"
         ).fetchone()
         inputs = self.db.execute("SELECT COUNT(*) FROM inputs").fetchone()[0]
-        return {"leads": one[0], "confirmed": one[1], "pending": one[2], "skipped": one[3], "inputs": inputs}
+        jobs = self.db.execute("SELECT COUNT(*) FROM bulk_jobs").fetchone()[0] if self._has_jobs() else 0
+        return {
+            "leads": one[0], "confirmed": one[1], "pending": one[2], "skipped": one[3], "inputs": inputs,
+            "bulk_jobs_open": jobs,
+        }  # fmt: skip
+
+    def _has_jobs(self) -> bool:
+        """A state written before bulk import, opened read-only, has no bulk_jobs table."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bulk_jobs'").fetchone() is not None
 
     def export(self, pending_only: bool = False) -> Iterator[dict[str, Any]]:
         where = " WHERE pending IS NOT NULL" if pending_only else ""

@@ -121,10 +121,13 @@ def _fields_json(plan: PlanStats) -> dict[str, dict[str, int]]:
 
 
 def delivery_json(d: DeliveryStats) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
+        "path": d.path,
+        "path_reason": d.path_reason,
         "sent": d.sent,
         "created": d.created,
         "updated": d.updated,
+        "imported": d.imported,
         "skipped": dict(sorted(d.skipped.items())),
         "expected_skips": d.expected_skips,
         "failed": d.failed,
@@ -142,3 +145,13 @@ def delivery_json(d: DeliveryStats) -> dict[str, Any]:
         "leads_per_second": round(d.leads_per_second, 1),
         "stop_reason": d.stop_reason,
     }
+    if d.bulk is not None:
+        b = d.bulk
+        out["bulk"] = {
+            "uploads": b.uploads,
+            "polls": b.polls,
+            "file_fetches": b.file_fetches,
+            "queue_full_waits": b.queue_full_waits,
+            "jobs_failed": b.jobs_failed,
+        }
+    return out

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import signal
 import time
@@ -20,6 +21,7 @@ import orjson
 from didomi_marketo.check import BLOCKING_KINDS, schema_problems
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
 from didomi_marketo.deliver import DeliveryStats, Engine
+from didomi_marketo.deliver_bulk import BulkEngine
 from didomi_marketo.didomi.fold import FoldSchema
 from didomi_marketo.didomi.readers import ALL_DATES, DateWindow
 from didomi_marketo.errors import ConfigError, FatalError
@@ -36,6 +38,8 @@ from didomi_marketo.storage import check_urls
 from didomi_marketo.summary import RunSummary, exit_code
 
 SAMPLES = 3
+DEFAULT_BULK_THRESHOLD = 50_000
+VIA = ("auto", "rest", "bulk")
 
 
 @dataclass
@@ -52,6 +56,8 @@ class SyncOptions:
     wait_lock: float = 0.0  # seconds to wait for another run holding the state lock
     check_schema: bool = True  # refuse to send when a mapped field is missing or read-only
     window: DateWindow = ALL_DATES  # --since / --until: which date= partitions to read
+    via: str = "auto"  # rest | bulk | auto: Sync Leads, bulk import, or bulk above bulk_threshold
+    bulk_threshold: int = DEFAULT_BULK_THRESHOLD  # leads to send from which `auto` picks bulk
 
 
 @dataclass
@@ -99,9 +105,11 @@ def run_sync(
     `on_warning` sees each warning the moment it is found (the CLI prints it before a long run);
     all of them also come back in `RunResult.warnings`."""
     started = time.time()
+    refuse_bulk(config, options.via)
     input_stats = InputStats()
     warnings, warn = _warnings(on_warning)
     earlier_calls: list[float] = []
+    resumed: DeliveryStats | None = None
     with open_state(options) as store:
         fold = build_fold(config, report.issue, options.spill_threshold)
         if store is not None and credentials is not None and not options.dry_run:
@@ -114,6 +122,11 @@ def run_sync(
                 earlier_calls = asyncio.run(
                     _preflight(credentials, config, store, options.check_schema, warn)
                 )
+                if store is not None and store.open_bulk_jobs():
+                    # Before planning: what those jobs confirm is not planned (or sent) again.
+                    resumed = asyncio.run(
+                        _resume(config, credentials, options, report, store, sinks, clock, earlier_calls)
+                    )
             inputs = InputFilter(store, options.full, config) if store is not None else None
             read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window)
             if inputs is not None:
@@ -125,7 +138,7 @@ def run_sync(
             try:
                 tee = _Tee(planner.plan(fold.leads()), output)
                 delivery = send_updates(config, credentials, options, tee, report, store, sinks, clock,
-                                 on_progress, folded, warn, earlier_calls)  # fmt: skip
+                                        on_progress, folded, warn, earlier_calls, resumed)  # fmt: skip
                 if delivery is not None and inputs is not None:
                     # Every lead of these inputs is now confirmed, skipped or pending in the
                     # state: the next sync may skip them while they stay unchanged.
@@ -199,7 +212,8 @@ def open_state(options: SyncOptions) -> Iterator[StateStore | None]:
 def send_updates(config: Config, credentials: Credentials | None, options: SyncOptions, updates: Iterable[LeadUpdate],
           report: Report, store: StateStore | None, sinks: list[Any] | None, clock: Clock | None,
           on_progress: Callable[[str, int, int | None], None] | None, expected: int,
-          warn: Callable[[str], None], earlier_calls: list[float]) -> DeliveryStats | None:  # fmt: skip
+          warn: Callable[[str], None], earlier_calls: list[float],
+          resumed: DeliveryStats | None = None) -> DeliveryStats | None:  # fmt: skip
     """Deliver the updates (outcomes to the report, the state and `sinks`), or just drain them."""
     if options.dry_run:
         for _ in updates:
@@ -220,6 +234,8 @@ def send_updates(config: Config, credentials: Credentials | None, options: SyncO
             expected,
             warn,
             earlier_calls,
+            store,
+            resumed,
         )  # fmt: skip
     )
 
@@ -282,13 +298,15 @@ class _Fanout:
 async def _deliver(config: Config, credentials: Credentials, options: SyncOptions, updates: Iterable[LeadUpdate],
                    report: Report, sinks: list[Any], clock: Clock | None,
                    on_progress: Callable[[str, int, int | None], None] | None, folded: int,
-                   warn: Callable[[str], None], earlier_calls: list[float]) -> DeliveryStats:  # fmt: skip
+                   warn: Callable[[str], None], earlier_calls: list[float], store: StateStore | None,
+                   resumed: DeliveryStats | None) -> DeliveryStats:  # fmt: skip
     settings = config.delivery
     async with MarketoClient(
         credentials, timeout=settings.timeout, max_connections=settings.max_concurrency, clock=clock
     ) as client:
+        path, why, updates = choose_path(config, options, updates, folded)
         expected_calls = math.ceil(folded / settings.batch_size)
-        if expected_calls >= 50:
+        if path == "rest" and expected_calls >= 50:
             warning = await _quota_warning(client, expected_calls, options.daily_quota)
             if warning:
                 warn(warning)
@@ -301,17 +319,13 @@ async def _deliver(config: Config, credentials: Credentials, options: SyncOption
                 done += n
                 on_progress("deliver", done, folded)
 
-        engine = Engine(
-            client,
-            action=config.action,
-            lookup_field=config.lookup_field,
-            settings=settings,
-            sink=_Fanout([report, *sinks]),
-            clock=clock,
-            on_progress=progress,
-            window_seconds=options.rate_window,
-            earlier_calls=earlier_calls,
-        )
+        common: dict[str, Any] = dict(
+            action=config.action, lookup_field=config.lookup_field, settings=settings,
+            sink=_Fanout([report, *sinks]), clock=clock, on_progress=progress,
+            window_seconds=options.rate_window, earlier_calls=earlier_calls, stats=resumed,
+        )  # fmt: skip
+        engine = BulkEngine(client, journal=store, **common) if path == "bulk" else Engine(client, **common)
+        engine.stats.path, engine.stats.path_reason = path, why
         # Ctrl-C or SIGTERM (systemd, a cron timeout): stop cleanly, once. Calls in flight finish,
         # every other lead is reported retryable, the summary is written; a second signal kills.
         loop = asyncio.get_running_loop()
@@ -327,6 +341,61 @@ async def _deliver(config: Config, credentials: Credentials, options: SyncOption
         finally:
             for sig in hooked:
                 loop.remove_signal_handler(sig)
+
+
+def refuse_bulk(config: Config, via: str) -> None:
+    """`--via bulk` where bulk import would create leads that upsert_mode false must not."""
+    if via not in VIA:
+        raise ConfigError(f"--via {via}: expected one of {', '.join(VIA)}")
+    if via == "bulk" and (why := _bulk_would_create(config)):
+        raise ConfigError(f"--via bulk: {why}; use --via rest, or --upsert to create leads")
+
+
+def _bulk_would_create(config: Config) -> str | None:
+    if config.lookup_field == "email" and config.action == "updateOnly":
+        return (
+            "upsert_mode is false with user_identifier email, and Marketo's bulk import creates "
+            "every lead it does not find (it has no update-only mode for email)"
+        )
+    return None
+
+
+def choose_path(
+    config: Config, options: SyncOptions, updates: Iterable[LeadUpdate], folded: int
+) -> tuple[str, str, Iterable[LeadUpdate]]:
+    """(path, why, the same updates): `auto` counts the leads to send up to the threshold, holding
+    at most that many in memory, and picks bulk import from there."""
+    if options.via == "rest":
+        return "rest", "--via rest", updates
+    if options.via == "bulk":
+        return "bulk", "--via bulk", updates
+    threshold = options.bulk_threshold
+    if why := _bulk_would_create(config):
+        return "rest", f"auto: Sync Leads (updateOnly), because {why}", updates
+    if folded < threshold:  # fewer leads folded than the threshold: fewer to send, too
+        return "rest", f"auto: fewer than --bulk-threshold {threshold} leads to send", updates
+    it = iter(updates)
+    head = list(itertools.islice(it, threshold))
+    if len(head) < threshold:
+        return "rest", f"auto: {len(head)} leads to send, under --bulk-threshold {threshold}", head
+    return "bulk", f"auto: at least --bulk-threshold {threshold} leads to send", itertools.chain(head, it)
+
+
+async def _resume(config: Config, credentials: Credentials, options: SyncOptions, report: Report,
+                  store: StateStore, sinks: list[Any] | None, clock: Clock | None,
+                  earlier_calls: list[float]) -> DeliveryStats:  # fmt: skip
+    """Collect the bulk jobs a killed run left in Marketo: their outcomes go to this run's report
+    and to the state, as if this run had sent them."""
+    settings = config.delivery
+    async with MarketoClient(credentials, timeout=settings.timeout, clock=clock) as client:
+        engine = BulkEngine(
+            client, action=config.action, lookup_field=config.lookup_field, settings=settings,
+            sink=_Fanout([report, *(sinks or []), store]), clock=clock, window_seconds=options.rate_window,
+            earlier_calls=earlier_calls, journal=store,
+        )  # fmt: skip
+        stats = await engine.resume()
+        earlier_calls.extend(client.recent_calls)
+        return stats
 
 
 def _once(loop: asyncio.AbstractEventLoop, sig: int, action: Callable[[], None]) -> Callable[[], None]:
@@ -372,6 +441,7 @@ def run_retry(
 ) -> RunResult:
     """Re-send exactly the retryable leads of an earlier report, with the same engine."""
     options = replace(options or SyncOptions(paths=[]), dry_run=dry_run or bool(options and options.dry_run))
+    refuse_bulk(config, options.via)
     started = time.time()
     warnings, warn = _warnings(on_warning)
     updates = [

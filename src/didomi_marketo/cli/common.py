@@ -68,6 +68,15 @@ StateOpt = Annotated[
 WaitLockOpt = Annotated[
     float, typer.Option("--wait-lock", min=0, help="Seconds to wait when another run holds the state.")
 ]
+ViaOpt = Annotated[
+    str,
+    typer.Option(
+        "--via", help="rest (Sync Leads), bulk (bulk import), or auto: bulk from --bulk-threshold leads."
+    ),
+]
+BulkThresholdOpt = Annotated[
+    int, typer.Option("--bulk-threshold", min=1, help="Leads to send from which --via auto uses bulk import.")
+]
 LogFormatOpt = Annotated[
     str, typer.Option("--log-format", help="text, or json: one JSON object a line on stderr (for cron).")
 ]

@@ -9,6 +9,7 @@ import typer
 
 from didomi_marketo.cli.common import (
     AllowIncompleteOpt,
+    BulkThresholdOpt,
     ConfigOpt,
     LogFormatOpt,
     PathsArg,
@@ -18,6 +19,7 @@ from didomi_marketo.cli.common import (
     StateOpt,
     UntilOpt,
     VerboseOpt,
+    ViaOpt,
     WaitLockOpt,
     date_window,
     err,
@@ -30,7 +32,7 @@ from didomi_marketo.cli.common import (
     with_delivery,
 )
 from didomi_marketo.errors import ConfigError
-from didomi_marketo.sync import SyncOptions, run_retry, run_sync
+from didomi_marketo.sync import DEFAULT_BULK_THRESHOLD, SyncOptions, run_retry, run_sync
 
 
 @expected_errors
@@ -82,6 +84,8 @@ def sync(
             "--skip-schema-check", help="Send without checking mapped fields against Marketo first."
         ),
     ] = False,
+    via: ViaOpt = "auto",
+    bulk_threshold: BulkThresholdOpt = DEFAULT_BULK_THRESHOLD,
     log_format: LogFormatOpt = "text",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -97,6 +101,7 @@ def sync(
         output=str(output) if output else None, rate_window=rate_window, daily_quota=daily_quota,
         state=state_path, full=full, wait_lock=wait_lock, check_schema=not skip_schema_check,
         window=date_window(since, until),
+        via=via, bulk_threshold=bulk_threshold,
     )  # fmt: skip
     rep = make_report(report, verbose, log)
     log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())
@@ -127,6 +132,8 @@ def retry(
     rate_window: Annotated[float, typer.Option("--rate-window", min=0.1)] = 20.0,
     state: StateOpt = None,
     wait_lock: WaitLockOpt = 0.0,
+    via: ViaOpt = "auto",
+    bulk_threshold: BulkThresholdOpt = DEFAULT_BULK_THRESHOLD,
     quiet: QuietOpt = False,
 ) -> None:
     """Re-send exactly the retryable leads of an earlier report, and write a fresh report.
@@ -141,7 +148,7 @@ def retry(
     credentials = None if dry_run else cfg.credentials()
     options = SyncOptions(
         paths=[], dry_run=dry_run, rate_window=rate_window,
-        state=str(state) if state else cfg.state, wait_lock=wait_lock,
+        state=str(state) if state else cfg.state, wait_lock=wait_lock, via=via, bulk_threshold=bulk_threshold,
     )  # fmt: skip
     with ProgressBar(not quiet) as progress:
         result = run_retry(

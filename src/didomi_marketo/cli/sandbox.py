@@ -24,6 +24,12 @@ def sandbox(
     daily_quota: Annotated[int, typer.Option(help="Calls allowed per day.")] = 50_000,
     token_ttl: Annotated[float, typer.Option(help="Seconds an access token lives.")] = 3600.0,
     latency: Annotated[float, typer.Option(help="Seconds each REST call takes.")] = 0.0,
+    bulk_queued_seconds: Annotated[
+        float, typer.Option(help="Seconds a bulk import job stays Queued at least.")
+    ] = 1.0,
+    bulk_import_seconds: Annotated[
+        float, typer.Option(help="Seconds a bulk import job imports (plus 100,000 rows/s).")
+    ] = 2.0,
     fault: Annotated[
         list[str] | None,
         typer.Option(help="KIND:TIMES, e.g. code:604:3 or http:502:2 or drop:1 (repeatable)."),
@@ -38,6 +44,7 @@ def sandbox(
         client_id=client_id, client_secret=client_secret, token_ttl=token_ttl,
         rate_calls=rate_calls, rate_window=rate_window, max_concurrency=max_concurrency,
         daily_quota=daily_quota, latency=latency, leads_file=str(leads) if leads else None,
+        bulk_queued_seconds=bulk_queued_seconds, bulk_import_seconds=bulk_import_seconds,
     )  # fmt: skip
     faults = []
     for f in fault or []:

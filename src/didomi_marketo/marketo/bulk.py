@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
 from didomi_marketo.marketo.client import CallFailed, MarketoClient, RetryPolicy, Stopped
-from didomi_marketo.marketo.codes import UNREADABLE, Action
+from didomi_marketo.marketo.codes import BULK_ROW_FAILED, LEAD_NOT_FOUND, UNREADABLE, Action
 from didomi_marketo.marketo.limiter import Clock
 
 BULK_LEADS_PATH = "/bulk/v1/leads.json"
@@ -185,6 +185,16 @@ def key_of(value: Any, lookup_field: str) -> str:
     """A lookup value as it reads in a CSV, normalised the way the keys were folded."""
     text = cell(value).strip() if not isinstance(value, str) else value.strip()
     return text.lower() if lookup_field == "email" else text
+
+
+# Bulk rows carry Marketo's text and no code. One text has a Sync Leads twin that decides what a
+# run means (an id that is no lead is an expected skip under update-only), so it gets that code.
+_ROW_CODES = {"lead not found": LEAD_NOT_FOUND}
+
+
+def row_code(reason: str) -> str:
+    """The code a failed row is reported under: 1004 for "Lead not found", else `bulk_failed`."""
+    return _ROW_CODES.get(reason.strip().lower(), BULK_ROW_FAILED)
 
 
 def parse_rows(data: bytes, lookup_field: str, reason_column: str) -> tuple[dict[str, str], int]:

@@ -28,6 +28,9 @@ UNKNOWN_ERROR = "unknown"
 AUTH = "auth"
 STOPPED = "stopped"
 INTERNAL = "internal"
+BULK_JOB_FAILED = "bulk_job_failed"
+BULK_UNMATCHED = "bulk_unmatched"
+BULK_ROW_FAILED = "bulk_failed"
 
 # Request-level codes (HTTP status, `errors[].code` with success:false, or the client's own kind).
 REQUEST_CODES: dict[str, tuple[Action, str]] = {
@@ -70,6 +73,11 @@ REQUEST_CODES: dict[str, tuple[Action, str]] = {
     AUTH: (Action.ABORT, "Marketo refused the client credentials at /identity"),
     STOPPED: (Action.ABORT, "not sent: the run stopped first (quota, --max-calls, a signal)"),
     INTERNAL: (Action.ABORT, "an error of ours (a sink that cannot write, a full disk): the run stops"),
+    BULK_JOB_FAILED: (Action.RETRY, "a bulk import job ended Failed as a whole: its leads stay retryable"),
+    BULK_UNMATCHED: (
+        Action.RETRY,
+        "a failures/warnings row named no lead: the job's unnamed leads stay retryable",
+    ),
 }
 
 # Lead-level codes in `result[i].reasons[]`: never retried within the run (the same payload
@@ -87,6 +95,8 @@ RECORD_CODES: dict[str, str] = {
     "1010": "partition update not allowed",
     "1011": "field not supported as lookup",
     "1021": "company fields cannot be updated through Sync Leads",
+    # Bulk import rows carry a reason text and no code; the text is reported as Marketo wrote it.
+    BULK_ROW_FAILED: "a bulk import row failed (Marketo's reason is in the report)",
 }
 
 LEAD_NOT_FOUND = "1004"
