@@ -89,3 +89,34 @@ BENCH_CONFIG = {
     ],
     "upsert_mode": False,
 }
+
+
+# The API-call comparison: 4 purposes give 15 non-empty sets of fields to send.
+CALLS_PURPOSES = ("newsletter", "product_analytics", "personalisation", "ads")
+CALLS_CONFIG = dict(
+    BENCH_CONFIG,
+    mappings=[
+        {"id": "didomiNewsletterOptIn", "value": "consents_purposes_newsletter_enabled"},
+        {"id": "didomiAnalyticsOptIn", "value": "consents_purposes_product_analytics_enabled"},
+        {"id": "didomiEmailChannelOptIn", "value": "consents_purposes_personalisation_enabled"},
+        {"id": "boolean_field", "value": "consents_purposes_ads_enabled"},
+    ],
+    upsert_mode=True,  # bulk import creates or updates: the path auto may take with email
+)
+
+
+def write_field_set_users(path: Path, users: int) -> int:
+    """Didomi users (NDJSON) whose leads carry one of 15 sets of fields; returns the set count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sets = 2 ** len(CALLS_PURPOSES) - 1
+    with open(path, "wb") as f:
+        for i in range(users):
+            mask = 1 + i % sets
+            purposes = [
+                {"id": p, "enabled": (i >> b) % 2 == 0} for b, p in enumerate(CALLS_PURPOSES) if mask >> b & 1
+            ]
+            f.write(orjson.dumps({
+                "id": f"d{i:08d}", "organization_user_id": f"user{i:08d}@example.com",
+                "updated_at": "2026-10-28T00:00:00Z", "consents": {"purposes": purposes},
+            }) + b"\n")  # fmt: skip
+    return sets

@@ -121,10 +121,11 @@ class BulkEngine(Engine):
             jobs.append(asyncio.create_task(self._job(f, room)))
 
         try:
-            for u in updates:
+            for n, u in enumerate(updates):
                 if (full := builder.add(u.payload, _row(u))) is not None:
                     await launch(full)
-                await asyncio.sleep(0)  # let polls and uploads run while files fill
+                if n % 500 == 0:
+                    await asyncio.sleep(0)  # let polls and uploads run while files fill
             for f in builder.flush():
                 await launch(f)
         finally:
