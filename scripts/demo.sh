@@ -44,3 +44,24 @@ echo "== 4. the report: demo-report/ =="
 ls demo-report
 echo "what happened to zoe@example.com?"
 grep -h zoe@example.com demo-report/*.ndjson | cut -c1-200
+
+echo
+echo "== 5. explain: what happened to alice@example.com's consent, and why Marketo says what it says =="
+$BIN/didomi-marketo explain alice@example.com sample_exports/didomi --config sample_exports/config/marketo.json --report demo-report
+
+echo
+echo "== 6. reconcile: a marketer edits two leads by hand; does Marketo still match what people chose? =="
+$BIN/python - "$PORT" <<'PY'
+import json, sys, urllib.request
+edits = [
+    {"email": "alice@example.com", "set": {"didomiNewsletterOptIn": True}},  # she opted out
+    {"email": "dave@example.com", "set": {"didomiAnalyticsOptIn": None}},  # blanked
+]
+req = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/_sandbox/leads", data=json.dumps(edits).encode(),
+                             method="PATCH", headers={"Content-Type": "application/json"})
+print("edited behind the tool's back:", json.load(urllib.request.urlopen(req)))
+PY
+set +e
+$BIN/didomi-marketo reconcile sample_exports/didomi --config sample_exports/config/marketo.json --report demo-reconcile 2>/dev/null
+echo "exit code: $? (1: drift found; demo-reconcile/drift.ndjson lists it)"
+set -e

@@ -89,6 +89,8 @@ def test_reconcile_finds_exactly_the_drift_and_fix_repairs_it(synced, sandbox, c
     assert one["fields"]["didomiNewsletterOptIn"]["status"] == "differs"
     assert one["source"].endswith("events.ndjson:102")
     assert set(one["fields"]) == {"didomiNewsletterOptIn"}
+    assert one["fields"]["didomiNewsletterOptIn"]["source"].endswith("events.ndjson:102")
+    assert one["fields"]["didomiNewsletterOptIn"]["why"] == "latest consent timestamp"
     gone = next(d for d in lines if d["key"] == _email(300))
     assert {f["status"] for f in gone["fields"].values()} == {"lead_not_found"}
     stats = sandbox.stats()
@@ -160,6 +162,30 @@ def test_since_limits_the_leads_compared(synced, sandbox, cli):
         cli("reconcile", "--config", synced["cfg"], "--state", synced["state"], "--since", "soon").exit_code
         == 2
     )
+
+
+def test_drift_names_the_record_that_won_the_field(tmp_path, sandbox, cli):
+    """Not the lead's latest record: the one whose consent Marketo lost."""
+    sandbox.seed_leads([{"email": "kim@example.com"}])
+    data = write_ndjson(
+        tmp_path / "events.ndjson",
+        [
+            event("kim@example.com", "2026-01-01T00:00:00Z", {"newsletter": True}),
+            event("kim@example.com", "2026-02-01T00:00:00Z", {"product_analytics": False}),
+        ],
+    )
+    cfg = make_config(tmp_path, sandbox)
+    assert cli("sync", data, "--config", cfg, "-q").exit_code == 0
+    httpx.patch(sandbox.base_url + "/_sandbox/leads",
+                json=[{"email": "kim@example.com", "set": {"didomiNewsletterOptIn": False}}])  # fmt: skip
+    report = tmp_path / "r"
+    result = cli("reconcile", data, "--config", cfg, "--report", report)
+    assert result.exit_code == 1
+    (drift,) = _drift_lines(report)
+    assert drift["source"].endswith("events.ndjson:2")  # the lead's latest record
+    assert drift["fields"]["didomiNewsletterOptIn"]["source"].endswith("events.ndjson:1")
+    assert drift["fields"]["didomiNewsletterOptIn"]["consent_at"] == "2026-01-01T00:00:00Z"
+    assert "events.ndjson:1) / Marketo false" in result.stdout
 
 
 def test_reconcile_needs_inputs_or_a_state(tmp_path, sandbox, cli):

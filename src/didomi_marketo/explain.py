@@ -107,71 +107,103 @@ class _Watcher:
         self.last = (category, reason)
 
 
-def trace(config: Config, paths: list[str], key: str, allow_incomplete: bool = False,
-          stats: InputStats | None = None) -> tuple[list[Step], list[Verdict], list[Any] | None]:  # fmt: skip
-    """Every record of `paths` that touches `key`, the per-field verdicts, and the fold state."""
-    stats = stats if stats is not None else InputStats()
-    watcher = _Watcher()
-    fold = build_fold(config, watcher)
-    planner = Planner(config.mappings, fold.schema, config.lookup_field, None, config.action)
-    # The fold state's slots: each property's (value, timestamp), and the latest applied time.
-    slots = {p.name: fold.schema.slots[p.name] for p in fold.schema.properties}
-    props = {p.name: p for p in fold.schema.properties}
-    steps: list[Step] = []
-    holder: dict[str, Step] = {}  # property (or "updated_at") -> the record holding it now
-    reasons: dict[str, str] = {}
+@dataclass
+class Trace:
+    """One key's path through the fold: its records, per-field verdicts, final fold state."""
+
+    steps: list[Step]
+    verdicts: list[Verdict]
+    state: list[Any] | None
+
+
+class _Tracer:
+    """Feeds one key's records through its own real fold and watches what the fold does."""
+
+    def __init__(self, config: Config, key: str):
+        self.config, self.key = config, key
+        self.watcher = _Watcher()
+        self.fold = build_fold(config, self.watcher)
+        # The fold state's slots: each property's (value, timestamp), and the latest applied time.
+        self.slots = {p.name: self.fold.schema.slots[p.name] for p in self.fold.schema.properties}
+        self.props = {p.name: p for p in self.fold.schema.properties}
+        self.steps: list[Step] = []
+        self.holder: dict[str, Step] = {}  # property (or "updated_at") -> the record holding it now
+        self.reasons: dict[str, str] = {}
+
+    def add(self, path: str, obs: Observation | Unusable) -> None:
+        steps, key = self.steps, self.key
+        if isinstance(obs, Unusable):
+            steps.append(Step(len(steps) + 1, f"{path}:{obs.line}", "webhook", applied=False,
+                              ignored=f"{obs.category}: {obs.reason}"))  # fmt: skip
+            return
+        step = _step(len(steps) + 1, path, obs)
+        step.said = _said(self.config, obs, self.props)
+        steps.append(step)
+        before = _state(self.fold, key)
+        self.watcher.last = None
+        self.fold.add(obs, path)
+        if self.watcher.last is not None:
+            step.applied = False
+            step.ignored = f"{self.watcher.last[0]}: {self.watcher.last[1]}"
+            return
+        after, alone = _state(self.fold, key), _probe(self.config, obs, path, key)
+        if after is None or alone is None:
+            return
+        # A record holds a slot when, right after it was added, the fold holds exactly what the
+        # fold makes of that record alone (its value at its time).
+        for name, slot in [*self.slots.items(), ("updated_at", LATEST - 1)]:
+            v = slot + 1  # where the slot's timestamp is (LATEST for updated_at)
+            if name != "updated_at" and (alone[slot] is None or after[slot] != alone[slot]):
+                continue
+            if after[v] != alone[v] or alone[v] == NEVER:
+                continue
+            previous = self.holder.get(name)
+            tied = previous is not None and before is not None and before[v] == after[v]
+            self.holder[name] = step
+            self.reasons[name] = (
+                f"tie with #{previous.n} (same time): the later record in input order wins"
+                if tied and previous is not None
+                else "latest consent timestamp"
+                if name != "updated_at"
+                else "the time of the latest applied record"
+            )
+
+    def finish(self) -> Trace:
+        try:
+            state = _state(self.fold, self.key)
+        finally:
+            self.fold.close()
+        planner = Planner(self.config.mappings, self.fold.schema, self.config.lookup_field)
+        verdicts = _verdicts(self.config, planner, state, self.holder, self.reasons)
+        for verdict in verdicts:
+            winner = next((s for s in self.steps if s.n == verdict.step), None)
+            if winner is not None:
+                winner.won.append(verdict.field)
+        return Trace(self.steps, verdicts, state)
+
+
+def trace(config: Config, paths: list[str], keys: Iterable[str], allow_incomplete: bool = False,
+          stats: InputStats | None = None) -> dict[str, Trace]:  # fmt: skip
+    """For each key: every record of `paths` that touches it, in fold order, and the verdicts.
+    One read of the inputs for all the keys (reconcile traces its drifted leads at once)."""
+    tracers = {k: _Tracer(config, k) for k in keys}
     try:
-        for path, obs in _records_of(config, paths, key, allow_incomplete, stats):
-            if isinstance(obs, Unusable):
-                steps.append(Step(len(steps) + 1, f"{path}:{obs.line}", "webhook", applied=False,
-                                  ignored=f"{obs.category}: {obs.reason}"))  # fmt: skip
-                continue
-            step = _step(len(steps) + 1, path, obs)
-            step.said = _said(config, obs, props)
-            steps.append(step)
-            before = _state(fold, key)
-            watcher.last = None
-            fold.add(obs, path)
-            if watcher.last is not None:
-                step.applied = False
-                step.ignored = f"{watcher.last[0]}: {watcher.last[1]}"
-                continue
-            after, alone = _state(fold, key), _probe(config, obs, path, key)
-            if after is None or alone is None:
-                continue
-            # A record holds a slot when, right after it was added, the fold holds exactly what
-            # the fold makes of that record alone (its value at its time).
-            for name, slot in [*slots.items(), ("updated_at", LATEST - 1)]:
-                v = slot + 1  # where the slot's timestamp is (LATEST for updated_at)
-                if name != "updated_at" and (alone[slot] is None or after[slot] != alone[slot]):
-                    continue
-                if after[v] != alone[v] or alone[v] == NEVER:
-                    continue
-                previous = holder.get(name)
-                tied = previous is not None and before is not None and before[v] == after[v]
-                holder[name] = step
-                reasons[name] = (
-                    f"tie with #{previous.n} (same time): the later record in input order wins"
-                    if tied and previous is not None
-                    else "latest consent timestamp"
-                    if name != "updated_at"
-                    else "the time of the latest applied record"
-                )
-        state = _state(fold, key)
-    finally:
-        fold.close()
-    verdicts = _verdicts(config, planner, state, holder, reasons)
-    for verdict in verdicts:
-        winner = next((s for s in steps if s.n == verdict.step), None)
-        if winner is not None:
-            winner.won.append(verdict.field)
-    return steps, verdicts, state
+        for path, key, obs in _records_of(config, paths, set(tracers), allow_incomplete,
+                                          stats if stats is not None else InputStats()):  # fmt: skip
+            tracers[key].add(path, obs)
+    except BaseException:
+        for t in tracers.values():
+            t.fold.close()
+        raise
+    return {k: t.finish() for k, t in tracers.items()}
 
 
-def _records_of(config: Config, paths: list[str], key: str, allow_incomplete: bool,
-                stats: InputStats) -> Iterator[tuple[str, Observation | Unusable]]:  # fmt: skip
-    """The observations (and deleted webhooks) whose key is `key`, in input order."""
+def _records_of(config: Config, paths: list[str], keys: set[str], allow_incomplete: bool,
+                stats: InputStats) -> Iterator[tuple[str, str, Observation | Unusable]]:  # fmt: skip
+    """The observations (and deleted webhooks) whose key is one of `keys`, in input order."""
     identifier = config.identifier
+    last_raw: Any = None
+    last_key: str | None = None
     for item in discover(paths, allow_incomplete):
         if isinstance(item, Problem | IncompletePartition):
             continue  # `sync` reports these; explain follows the records that can reach the key
@@ -185,9 +217,12 @@ def _records_of(config: Config, paths: list[str], key: str, allow_incomplete: bo
             stats.records += 1
             for ob in observations(value, line):
                 raw = ob.key
-                if raw is None or normalise_key(raw, identifier)[0] != key:
+                if raw is None:
                     continue
-                yield item.display, ob
+                if raw != last_raw or type(raw) is not type(last_raw):
+                    last_raw, last_key = raw, normalise_key(raw, identifier)[0]
+                if last_key in keys:
+                    yield item.display, last_key, ob
 
 
 def _step(n: int, path: str, obs: Observation) -> Step:
@@ -281,7 +316,8 @@ def explain(config: Config, raw_key: str, paths: list[str], *, state: str | None
     stats = InputStats()
     fold_state = None
     if paths:
-        result.steps, result.verdicts, fold_state = trace(config, paths, key, allow_incomplete, stats)
+        traced = trace(config, paths, [key], allow_incomplete, stats)[key]
+        result.steps, result.verdicts, fold_state = traced.steps, traced.verdicts, traced.state
         result.inputs_read = stats.records
     prior = None
     result.state_given = bool(state)

@@ -29,6 +29,7 @@ from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
 from didomi_marketo.deliver import DeliveryStats
 from didomi_marketo.didomi.fold import LATEST, NEVER, SRC_LINE, SRC_PATH, format_timestamp, parse_timestamp
 from didomi_marketo.errors import ConfigError, FatalError
+from didomi_marketo.explain import trace
 from didomi_marketo.inputs import InputStats, build_fold, read_into
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Stopped
 from didomi_marketo.marketo.codes import QUOTA_RESET_NOTE, Action
@@ -45,6 +46,7 @@ from didomi_marketo.sync import SyncOptions, open_state, send_updates
 MATCH, DIFFERS, MISSING, NOT_FOUND = "match", "differs", "missing_in_marketo", "lead_not_found"
 BUCKETS = (MATCH, DIFFERS, MISSING, NOT_FOUND)
 SAMPLES = 5
+TRACE_LIMIT = 10_000  # drifted leads whose per-field source is traced (one extra read of the inputs)
 
 
 @dataclass
@@ -316,11 +318,15 @@ def run_reconcile(
                 _read_marketo(config, credentials, options, [e.key for e in expected], calls)
             )
             drifted: list[Expected] = []
+            records: list[dict[str, Any]] = []
             for exp in expected:
                 record = compare(exp, found.get(exp.key), config.action, comparison)
-                if record is None:
-                    continue
-                drifted.append(exp)
+                if record is not None:
+                    drifted.append(exp)
+                    records.append(record)
+            if options.paths and records:
+                _field_sources(config, options, records, drifted, warn)
+            for record in records:
                 if drift_file is not None:
                     drift_file.write(orjson.dumps(record) + b"\n")
                 if len(samples) < SAMPLES:
@@ -340,6 +346,24 @@ def run_reconcile(
     summary["exit_code"] = code
     report.finish(summary)
     return ReconcileResult(summary, code, samples, delivery.fatal if delivery else None)
+
+
+def _field_sources(config: Config, options: ReconcileOptions, records: list[dict[str, Any]],
+                   drifted: list[Expected], warn: Callable[[str], None]) -> None:  # fmt: skip
+    """Name the record that won each drifted field (explain's trace: the fold's own verdicts),
+    instead of the lead's latest record. One more read of the inputs, for the drifted leads."""
+    if len(records) > TRACE_LIMIT:
+        warn(f"{len(records)} drifted leads: drift.ndjson names each lead's latest record, not each field's")
+        return
+    traces = trace(config, options.paths, [e.key for e in drifted], options.allow_incomplete)
+    for record, exp in zip(records, drifted, strict=True):
+        verdicts = {v.field: v for v in traces[exp.key].verdicts}
+        for name, f in record["fields"].items():
+            v = verdicts.get(name)
+            if v is not None and v.source is not None and v.value == exp.fields[name]:
+                f["source"], f["why"] = v.source, v.reason
+            elif v is not None and v.value != exp.fields[name]:
+                f["source"], f["why"] = "state", "a newer consent Marketo confirmed earlier (the state)"
 
 
 def _fix(config: Config, credentials: Credentials, sync_options: SyncOptions, drifted: list[Expected],

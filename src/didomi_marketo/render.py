@@ -89,7 +89,7 @@ def print_reconcile(console: Console, summary: dict[str, Any], samples: list[dic
     against = "the input files" if summary["compared_with"] == "inputs" else "the state's confirmed values"
     console.print(
         f"[bold]reconcile[/bold]: {leads['compared']} leads of {against} read back from Marketo in "
-        f"{calls.get('reads', 0)} calls: [bold]{leads['drifted']} drifted[/bold], {leads['in_sync']} in sync"
+        f"{calls.get('reads', 0)} call(s): [bold]{leads['drifted']} drifted[/bold], {leads['in_sync']} in sync"
         + (
             f", {leads['not_in_marketo_expected']} not in Marketo (update-only never created them)"
             if leads["not_in_marketo_expected"]
@@ -106,8 +106,10 @@ def print_reconcile(console: Console, summary: dict[str, Any], samples: list[dic
     console.print(table)
     for s in samples:
         parts = [
-            f"{name}: Didomi {orjson.dumps(f['didomi']).decode()} / Marketo "
-            f"{'(no lead)' if f['status'] == 'lead_not_found' else orjson.dumps(f['marketo']).decode()}"
+            f"{name}: Didomi {orjson.dumps(f['didomi']).decode()} ({f['source']}) / Marketo "
+            + {"lead_not_found": "(no lead)", "missing_in_marketo": "(blank)"}.get(
+                f["status"], orjson.dumps(f["marketo"]).decode()
+            )
             for name, f in s["fields"].items()
         ]
         console.print(
