@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from didomi_marketo.config import Config
-from didomi_marketo.didomi.fold import LATEST, NEVER, Fold, format_timestamp, normalise_key
+from didomi_marketo.didomi.fold import FIRST_SLOT, LATEST, NEVER, Fold, format_timestamp, normalise_key
 from didomi_marketo.didomi.readers import IncompletePartition, Problem, discover, read_records, sniff_json
 from didomi_marketo.didomi.records import Observation, Unusable, observations
 from didomi_marketo.errors import ConfigError
@@ -31,6 +32,20 @@ from didomi_marketo.plan import Planner, keep_newer
 from didomi_marketo.state import StateStore, lead_record
 
 REPORT_FILES = ("delivered", "undelivered", "ignored", "rejected")
+
+
+def consent_time(stamp: Any) -> str | None:
+    """A consent stamp as the fold keeps it (a time, or a (time, version) pair) as ISO 8601;
+    None for "never" and for constants (0)."""
+    t = stamp[0] if isinstance(stamp, list | tuple) and stamp else stamp
+    if not isinstance(t, int | float) or isinstance(t, bool) or t in (NEVER, 0) or t != t:
+        return None
+    return format_timestamp(t)
+
+
+def wall_clock(t: float) -> str:
+    """A wall-clock time (time.time()) as UTC ISO 8601, to the second."""
+    return datetime.fromtimestamp(round(t), UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -124,7 +139,12 @@ class _Tracer:
         self.watcher = _Watcher()
         self.fold = build_fold(config, self.watcher)
         # The fold state's slots: each property's (value, timestamp), and the latest applied time.
-        self.slots = {p.name: self.fold.schema.slots[p.name] for p in self.fold.schema.properties}
+        schema = self.fold.schema
+        width = (len(schema.empty_state("", 0)) - FIRST_SLOT) // max(1, len(schema.properties))
+        self.spans = [
+            (p.name, slice(schema.slots[p.name], schema.slots[p.name] + width)) for p in schema.properties
+        ]
+        self.spans.append(("updated_at", slice(LATEST, LATEST + 1)))
         self.props = {p.name: p for p in self.fold.schema.properties}
         self.steps: list[Step] = []
         self.holder: dict[str, Step] = {}  # property (or "updated_at") -> the record holding it now
@@ -150,15 +170,16 @@ class _Tracer:
         if after is None or alone is None:
             return
         # A record holds a slot when, right after it was added, the fold holds exactly what the
-        # fold makes of that record alone (its value at its time).
-        for name, slot in [*self.slots.items(), ("updated_at", LATEST - 1)]:
-            v = slot + 1  # where the slot's timestamp is (LATEST for updated_at)
-            if name != "updated_at" and (alone[slot] is None or after[slot] != alone[slot]):
+        # fold makes of that record alone (its value and its stamp). Slots are compared whole,
+        # whatever the fold keeps in them besides the value (a time, a version...).
+        for name, span in self.spans:
+            if name != "updated_at" and (alone[span.start] is None or after[span] != alone[span]):
                 continue
-            if after[v] != alone[v] or alone[v] == NEVER:
+            stamp = slice(span.start + 1, span.stop) if name != "updated_at" else span
+            if after[stamp] != alone[stamp] or alone[LATEST] == NEVER:
                 continue
             previous = self.holder.get(name)
-            tied = previous is not None and before is not None and before[v] == after[v]
+            tied = previous is not None and before is not None and before[stamp] == after[stamp]
             self.holder[name] = step
             self.reasons[name] = (
                 f"tie with #{previous.n} (same time): the later record in input order wins"
@@ -273,8 +294,7 @@ def _verdicts(config: Config, planner: Planner, state: list[Any] | None, holder:
     for m in config.mappings:
         if m.field not in fields:
             continue
-        ts = stamps.get(m.field)
-        at = format_timestamp(ts) if ts not in (None, NEVER, 0.0) else None
+        at = consent_time(stamps.get(m.field))
         if m.source is None:
             out.append(Verdict(m.field, fields[m.field], None, None, None, "a constant of the mapping"))
             continue

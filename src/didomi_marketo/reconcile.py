@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,7 +30,7 @@ from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
 from didomi_marketo.deliver import DeliveryStats
 from didomi_marketo.didomi.fold import LATEST, NEVER, SRC_LINE, SRC_PATH, format_timestamp, parse_timestamp
 from didomi_marketo.errors import ConfigError, FatalError
-from didomi_marketo.explain import trace
+from didomi_marketo.explain import consent_time, trace, wall_clock
 from didomi_marketo.inputs import InputStats, build_fold, read_into
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Stopped
 from didomi_marketo.marketo.codes import QUOTA_RESET_NOTE, Action
@@ -67,7 +68,7 @@ class Expected:
 
     key: str
     fields: dict[str, Any]
-    stamps: dict[str, float]
+    stamps: dict[str, Any]  # field -> consent stamp, as the fold and the state keep it
     source: str  # path:line of the latest record of the lead, or "state"
     confirmed: bool = False  # the state says Marketo confirmed this lead
 
@@ -105,8 +106,7 @@ def _from_inputs(config: Config, options: ReconcileOptions, report: Report, stor
             prior = store.lead(key) if store is not None else None
             if prior is not None:
                 keep_newer(prior.confirmed, fields, stamps)  # an old file never outranks the state
-            latest = max([state[LATEST], *(t for t in stamps.values())])
-            if options.since is not None and latest <= options.since:
+            if options.since is not None and state[LATEST] <= options.since:
                 continue
             source = f"{state[SRC_PATH]}:{state[SRC_LINE]}"
             yield Expected(key, fields, stamps, source, bool(prior is not None and prior.confirmed))
@@ -121,10 +121,11 @@ def _from_state(config: Config, options: ReconcileOptions, store: StateStore) ->
         if not fields:
             continue
         stamps = {k: v for k, v in rec["consent_timestamps"].items() if k in fields}
-        if options.since is not None and max(stamps.values(), default=NEVER) <= options.since:
+        times = [t[0] if isinstance(t, list | tuple) else t for t in stamps.values()]
+        if options.since is not None and max(times, default=NEVER) <= options.since:
             continue
         at = rec["confirmed_at"]
-        source = f"state ({format_timestamp(round(at))})" if at else "state"
+        source = f"state (confirmed {wall_clock(at)})" if at else "state"
         yield Expected(rec["key"], fields, stamps, source, True)
 
 
@@ -163,8 +164,14 @@ def _as_bool(v: Any) -> bool | None:
 def _as_time(v: str) -> int | None:
     if "T" not in v and " " not in v:
         return None  # a plain string, or a date (compared as text)
-    ts = parse_timestamp(v.replace("Z", "+00:00").replace(" ", "T"))
-    return None if ts is None else math.floor(ts)
+    # Marketo's own spelling (UTC, whole seconds): compared to the second, whatever the fold's unit
+    try:
+        t = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00").replace(" ", "T"))
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return math.floor(t.timestamp())
 
 
 @dataclass
@@ -210,12 +217,11 @@ def compare(exp: Expected, rows: list[dict[str, Any]] | None, action: str,
 
 
 def _drift(exp: Expected, name: str, bucket: str, marketo: Any) -> dict[str, Any]:
-    ts = exp.stamps.get(name)
     return {
         "status": bucket,
         "didomi": exp.fields[name],
         "marketo": marketo,
-        "consent_at": format_timestamp(ts) if ts not in (None, NEVER, 0.0) else None,
+        "consent_at": consent_time(exp.stamps.get(name)),
         "source": exp.source,
     }
 
@@ -406,8 +412,8 @@ def _summary(config: Config, options: ReconcileOptions, inputs: InputStats, comp
         "mode": "reconcile-fix" if options.fix else "reconcile",
         "compared_with": "inputs" if options.paths else "state",
         "since": format_timestamp(options.since) if options.since is not None else None,
-        "started_at": format_timestamp(round(started)),
-        "finished_at": format_timestamp(round(time.time())),
+        "started_at": wall_clock(started),
+        "finished_at": wall_clock(time.time()),
         "config": config.identity(),
         "leads": {
             "compared": comparison.leads,

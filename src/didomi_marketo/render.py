@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from rich.console import Console
 from rich.table import Table
-
-from didomi_marketo.didomi.fold import format_timestamp
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -167,7 +166,11 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
     st = doc["state"]
     if st is not None:
         if st["confirmed"]:
-            at = format_timestamp(round(st["confirmed_at"])) if st["confirmed_at"] else "?"
+            at = (
+                datetime.fromtimestamp(round(st["confirmed_at"]), UTC).isoformat().replace("+00:00", "Z")
+                if st["confirmed_at"]
+                else "?"
+            )
             console.print(
                 f"[bold]Marketo confirmed[/bold] (state, {at}): {_show(st['confirmed'])}", soft_wrap=True
             )
