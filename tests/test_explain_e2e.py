@@ -125,6 +125,15 @@ def test_unknown_and_invalid_keys(tmp_path, inputs, cli):
     result = cli("explain", "nobody@example.com", inputs["webhooks"], "--config", cfg)
     assert result.exit_code == 1
     assert "no record" in result.stdout
+    # a file that never spells the key is not even parsed
+    doc = json.loads(
+        cli("explain", "nobody@example.com", *inputs.values(), "--config", cfg, "--format", "json").stdout
+    )
+    assert (doc["found"], doc["files_without_key"], doc["inputs_read"]) == (False, 3, 0)
+    doc = json.loads(
+        cli("explain", "SOMEONE@example.com", *inputs.values(), "--config", cfg, "--format", "json").stdout
+    )
+    assert (doc["files_without_key"], doc["inputs_read"], len(doc["steps"])) == (1, 6, 2)  # the API page
     result = cli("explain", "not-an-email", inputs["webhooks"], "--config", cfg)
     assert result.exit_code == 2
     assert "not an email" in result.output

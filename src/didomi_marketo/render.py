@@ -132,6 +132,11 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
     console.print(
         f"[bold]explain {doc['key']}[/bold] ({doc['identifier']}): {len(steps)} record(s) touched it"
         + (f", of {doc['inputs_read']} read" if doc["inputs_read"] else "")
+        + (
+            f" ({doc['files_without_key']} file(s) never mention it: not parsed)"
+            if doc["files_without_key"]
+            else ""
+        )
     )
     for s in steps:
         when = f"created {s['created_at']}" if s["created_at"] else f"updated {s['updated_at'] or '-'}"
