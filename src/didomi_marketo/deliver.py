@@ -188,6 +188,8 @@ class Engine:
     def stop(self, reason: str, fatal: str | None = None) -> None:
         if self.stats.stop_reason is None:
             self.stats.stop_reason = reason
+        # Workers waiting for room in the rate window give up now, not when the window turns.
+        self.limiter.stop(self.stats.stop_reason)
         if fatal and self.stats.fatal is None:
             self.stats.fatal = fatal
 
@@ -201,7 +203,8 @@ class Engine:
             note = " (Marketo may have applied it: resending is safe)" if e.last.maybe_applied else ""
             self._finish(batch, self._undelivered(batch, e.last.code, f"{e}{note}"))
         except Stopped as e:
-            self._finish(batch, self._undelivered(batch, STOPPED, str(e)))
+            self.stop(e.reason, fatal=e.reason)  # a no-op unless the --max-calls budget stopped it
+            self._finish(batch, self._undelivered(batch, STOPPED, e.reason))
         except AuthError as e:
             self.stop(str(e), fatal=str(e))
             self._finish(batch, self._undelivered(batch, AUTH, str(e)))
@@ -257,12 +260,11 @@ class Engine:
         async with self.limiter.slot():
             if stats.stop_reason:
                 raise Stopped(stats.stop_reason)
-            # Checked inside the slot: workers waiting for the window must not all pass it.
-            if budget is not None and stats.calls >= budget:
-                why = f"the --max-calls budget of {budget} calls is spent"
-                self.stop(why, fatal=why)
-                raise Stopped(why)
             stats.calls += 1
+            if budget is not None and stats.calls >= budget:
+                # The budget's last call: whoever waits for a slot or the window gives up now
+                # (and stops the run); a run that needs no more calls ends normally.
+                self.limiter.stop(f"the --max-calls budget of {budget} calls is spent")
             if stats.first_call_at is None:
                 stats.first_call_at = self.clock.now()
             try:

@@ -218,7 +218,8 @@ class BulkEngine(Engine):
         if isinstance(e, GaveUp):
             return e.last.code, str(e)
         if isinstance(e, Stopped):
-            return STOPPED, str(e)
+            self.stop(e.reason, fatal=e.reason)  # a no-op unless the --max-calls budget stopped it
+            return STOPPED, e.reason
         if isinstance(e, AuthError):
             self.stop(str(e), fatal=str(e))
             return AUTH, str(e)

@@ -29,7 +29,7 @@ from didomi_marketo.marketo.codes import (
     request_action,
 )
 from didomi_marketo.marketo.credentials import Credentials
-from didomi_marketo.marketo.limiter import Clock, RealClock
+from didomi_marketo.marketo.limiter import Clock, RealClock, Stopped
 
 T = TypeVar("T")
 TOKEN_PATH = "/identity/oauth/token"
@@ -323,7 +323,3 @@ class RetryPolicy:
                 await self.clock.sleep(wait)
                 if should_stop is not None and (why := should_stop()):
                     raise Stopped(why) from None
-
-
-class Stopped(Exception):
-    """The run was stopped (quota, abort, budget) while this batch waited; it stays undelivered."""
