@@ -41,8 +41,9 @@ lint: install
 	$(BIN)/mypy src/didomi_marketo
 	$(BIN)/lint-imports
 
-## bench: delivery at Marketo's (compressed) limits, and local pipeline speed and memory
+## bench: one table: delivery at Marketo's real limits, vs a marketorestpython script, vs DuckDB
 bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/bench.py
 
 ## samples: regenerate sample_exports/ (deterministic)
