@@ -6,11 +6,18 @@ so each reads exactly as `sync` does. The consent rules themselves live in `dido
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import multiprocessing
+import os
+import pickle
+import signal
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from didomi_marketo.config import Config
-from didomi_marketo.didomi.fold import Fold, FoldSchema, IssueSink
+from didomi_marketo.didomi.fold import Fold, FoldSchema, FoldStats, IssueSink
 from didomi_marketo.didomi.readers import (
     ALL_DATES,
     DateWindow,
@@ -49,49 +56,209 @@ def discover_all(
             yield from discover([raw], allow_incomplete, window)
 
 
+def default_jobs() -> int:
+    """The cores this process may run on (a cgroup or taskset may allow fewer than the machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats,
-              unchanged: InputFilter | None = None,
-              window: DateWindow = ALL_DATES) -> None:  # fmt: skip
+              unchanged: InputFilter | None = None, window: DateWindow = ALL_DATES, *, jobs: int = 1,
+              on_start: Callable[[list[InputFile]], None] | None = None,
+              check: Callable[[], None] | None = None) -> None:  # fmt: skip
     """Feed every record of `paths` into the fold. `unchanged` skips inputs the state has seen;
-    `window` selects `date=` partitions by name. Raises ConfigError for an unusable URL."""
+    `window` selects `date=` partitions by name. Raises ConfigError for an unusable URL.
+
+    With `jobs` > 1 and several local files, worker processes each read and fold whole files
+    and the results are merged in input order: the same leads, ties and `path:line` as one
+    process. `on_start(files)` runs once the workers exist (a thread it starts is never forked
+    with them); `check` runs between files and may raise to stop the reading."""
     check_urls(paths)
+    items = list(discover_all(paths, allow_incomplete, window))
+    files = [i for i in items if isinstance(i, InputFile)]
+    # Local files only: stdin cannot be shared, and a storage client's threads do not fork.
+    local = all(f.source is None and f.display != "<stdin>" for f in files)
+    if jobs > 1 and len(files) > 1 and local:
+        _read_parallel(fold, items, stats, unchanged, min(jobs, len(files)), on_start, check)
+        return
+    if on_start is not None:
+        on_start(files)
+    for item in items:
+        if check is not None:
+            check()
+        if not isinstance(item, InputFile):
+            _reject_item(fold, item, stats)
+        elif _wanted(item, stats, unchanged):
+            read = _read_file(fold, item, stats)
+            if not read and unchanged is not None:
+                unchanged.forget(item)  # not read: the next run must try it again
+
+
+def _reject_item(fold: Fold, item: Problem | IncompletePartition, stats: InputStats) -> None:
+    if isinstance(item, Problem):
+        if item.denied:
+            stats.access_denied.append(item.path)
+        fold.reject("rejected", item.path, item.line, item.reason)
+    else:
+        stats.partitions_refused.append(item.partition)
+        fold.reject("rejected", item.partition, 0, str(item).split(": ", 1)[1])
+
+
+def _wanted(item: InputFile, stats: InputStats, unchanged: InputFilter | None) -> bool:
+    # Inside a Didomi partition every *.json.gz is data: no need to open it to decide (an
+    # unchanged remote partition is then skipped without a single read).
+    if item.walked and item.partition is None and not sniff_json(item):
+        stats.files_skipped += 1
+        return False
+    if unchanged is not None and not unchanged(item):
+        return False
+    stats.files += 1
+    return True
+
+
+def _read_file(fold: Fold, item: InputFile, stats: InputStats) -> bool:
+    """Fold one file's records; False when the file itself could not be read."""
     add, reject = fold.add, fold.reject
+    path = item.display
+    read = True
+    for rec in read_records(item):
+        stats.records += 1
+        if isinstance(rec, Problem):
+            if rec.denied:
+                stats.access_denied.append(rec.path)
+            reject("rejected", rec.path, rec.line, rec.reason)
+            read = read and rec.line != 0
+            continue
+        value, line = rec
+        for ob in observations(value, line):
+            if isinstance(ob, Observation):
+                add(ob, path)
+            else:
+                reject(ob.category, path, ob.line, ob.reason, ob.key)
+    return read
 
-    def problem(p: Problem) -> None:
-        if p.denied:
-            stats.access_denied.append(p.path)
-        reject("rejected", p.path, p.line, p.reason)
 
-    for item in discover_all(paths, allow_incomplete, window):
-        if isinstance(item, Problem):
-            problem(item)
-            continue
-        if isinstance(item, IncompletePartition):
-            stats.partitions_refused.append(item.partition)
-            reject("rejected", item.partition, 0, str(item).split(": ", 1)[1])
-            continue
-        # Inside a Didomi partition every *.json.gz is data: no need to open it to decide (an
-        # unchanged remote partition is then skipped without a single read).
-        if item.walked and item.partition is None and not sniff_json(item):
-            stats.files_skipped += 1
-            continue
-        if unchanged is not None and not unchanged(item):
-            continue
-        stats.files += 1
-        path = item.display
-        for rec in read_records(item):
-            stats.records += 1
-            if isinstance(rec, Problem):
-                problem(rec)
-                if rec.line == 0 and unchanged is not None:
-                    unchanged.forget(item)  # not read: the next run must try it again
-                continue
-            value, line = rec
-            for ob in observations(value, line):
-                if isinstance(ob, Observation):
-                    add(ob, path)
+# ---------------------------------------------------------------------------------------------
+# Reading on every core: a worker folds one whole file into a Fold of its own and writes the
+# folded leads to a scratch file; the parent absorbs the files' results strictly in input order
+# (Fold.absorb: later input wins ties), and replays each file's issues in order. So the parent
+# holds one fold (spilling past its threshold as always) and each worker one file's fold.
+
+_PICKLE_CHUNK = 20_000  # leads per pickle in a result file: bounded memory on both sides
+
+
+@dataclass
+class _FileResult:
+    leads: str  # scratch file of pickled [(key, state), ...] chunks
+    issues: list[tuple[str, str, int, str, Any]]
+    fold: FoldStats
+    inputs: InputStats
+    read: bool
+
+
+_worker: tuple[Fold, str] | None = None  # (a template fold, scratch dir), set in each worker
+
+
+def _start_worker(schema: FoldSchema, identifier: str, regulations: frozenset[str], spill: int,
+                  scratch: str) -> None:  # fmt: skip
+    global _worker
+    # Ctrl-C reaches the whole process group: the parent stops the workers, they need not trace.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker = (Fold(schema, identifier, regulations, lambda *a: None, spill_threshold=spill), scratch)
+
+
+def _fold_one_file(index: int, item: InputFile) -> _FileResult:
+    assert _worker is not None
+    template, scratch = _worker
+    issues: list[tuple[str, str, int, str, Any]] = []
+    fold = Fold(template.schema, template.identifier, template.regulations,
+                lambda *issue: issues.append(issue), spill_threshold=template.spill_threshold,
+                scratch_dir=scratch)  # fmt: skip
+    stats = InputStats()
+    out = os.path.join(scratch, f"file-{index}.pickle")
+    try:
+        read = _read_file(fold, item, stats)
+        with open(out, "wb") as f:
+            chunk: list[tuple[str, list[Any]]] = []
+            for lead in fold.leads():
+                chunk.append(lead)
+                if len(chunk) >= _PICKLE_CHUNK:
+                    pickle.dump(chunk, f, pickle.HIGHEST_PROTOCOL)
+                    chunk = []
+            pickle.dump(chunk, f, pickle.HIGHEST_PROTOCOL)
+    finally:
+        fold.close()
+    return _FileResult(out, issues, fold.stats, stats, read)
+
+
+def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompletePartition], stats: InputStats,
+                   unchanged: InputFilter | None, jobs: int,
+                   on_start: Callable[[list[InputFile]], None] | None,
+                   check: Callable[[], None] | None) -> None:  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="didomi-read-", dir=fold.scratch_dir) as scratch:
+        # fork: the workers start in milliseconds with everything imported (spawn re-imports).
+        context = multiprocessing.get_context("fork")
+        # Each worker's own fold spills sooner: the processes together stay near one fold's memory.
+        spill = max(1, fold.spill_threshold // (jobs + 1))
+        args = (fold.schema, fold.identifier, fold.regulations, spill, scratch)
+        with context.Pool(jobs, initializer=_start_worker, initargs=args) as pool:
+            if on_start is not None:
+                on_start([i for i in items if isinstance(i, InputFile)])
+            pending: deque[tuple[int, Any]] = deque()  # (index in items, AsyncResult | None)
+            submitted = 0
+            for index, item in enumerate(items):
+                if isinstance(item, InputFile) and _wanted(item, stats, unchanged):
+                    pending.append((index, pool.apply_async(_fold_one_file, (index, item))))
+                    submitted += 1
                 else:
-                    reject(ob.category, path, ob.line, ob.reason, ob.key)
+                    pending.append((index, None))
+                # At most jobs + 1 files ahead of the merge: finished results wait on disk.
+                while submitted > jobs or (pending and pending[0][1] is None):
+                    if check is not None:
+                        check()
+                    submitted -= _merge_next(fold, items, pending, stats, unchanged)
+            while pending:
+                if check is not None:
+                    check()
+                _merge_next(fold, items, pending, stats, unchanged)
+
+
+def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartition],
+                pending: deque[tuple[int, Any]], stats: InputStats,
+                unchanged: InputFilter | None) -> int:  # fmt: skip
+    """Merge the oldest pending item into the fold; 1 if it was a file read by a worker."""
+    index, result = pending.popleft()
+    item = items[index]
+    if result is None:
+        if not isinstance(item, InputFile):
+            _reject_item(fold, item, stats)
+        return 0
+    done: _FileResult = result.get()
+    for issue in done.issues:
+        fold.on_issue(*issue)
+    _add_counts(fold.stats, done.fold)
+    stats.records += done.inputs.records
+    stats.access_denied.extend(done.inputs.access_denied)
+    if not done.read and unchanged is not None:
+        unchanged.forget(items[index])  # type: ignore[arg-type]
+    absorb = fold.absorb
+    with open(done.leads, "rb") as f:
+        while True:
+            try:
+                chunk = pickle.load(f)
+            except EOFError:
+                break
+            for key, state in chunk:
+                absorb(key, state)
+    os.unlink(done.leads)
+    return 1
+
+
+def _add_counts(total: FoldStats, part: FoldStats) -> None:
+    for f in fields(FoldStats):
+        setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
 
 
 def build_fold(

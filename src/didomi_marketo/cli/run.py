@@ -86,6 +86,10 @@ def sync(
     ] = False,
     via: ViaOpt = "auto",
     bulk_threshold: BulkThresholdOpt = DEFAULT_BULK_THRESHOLD,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", min=1, help="Processes reading and folding input (default: the cores)."),
+    ] = None,
     log_format: LogFormatOpt = "text",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -101,7 +105,7 @@ def sync(
         output=str(output) if output else None, rate_window=rate_window, daily_quota=daily_quota,
         state=state_path, full=full, wait_lock=wait_lock, check_schema=not skip_schema_check,
         window=date_window(since, until),
-        via=via, bulk_threshold=bulk_threshold,
+        via=via, bulk_threshold=bulk_threshold, jobs=jobs,
     )  # fmt: skip
     rep = make_report(report, verbose, log)
     log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())

@@ -262,6 +262,17 @@ class Fold:
             self.stats.rejected += 1
         self.on_issue(category, path, line, reason, key)
 
+    def absorb(self, key: str, state: list[Any]) -> None:
+        """Fold in a lead's state that another Fold built from input that comes AFTER all input
+        seen so far (a parallel reader's file): the same result as adding its observations."""
+        mine = self._leads.get(key)
+        if mine is not None:
+            self._leads[key] = merge_states(mine, state)
+            return
+        if len(self._leads) >= self.spill_threshold:
+            self._spill_out()
+        self._leads[key] = state
+
     # -- output -------------------------------------------------------------------------------
 
     def __len__(self) -> int:
