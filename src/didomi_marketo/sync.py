@@ -9,6 +9,8 @@ import asyncio
 import itertools
 import math
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -23,10 +25,10 @@ from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
 from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.deliver_bulk import BulkEngine
 from didomi_marketo.didomi.fold import FoldSchema
-from didomi_marketo.didomi.readers import ALL_DATES, DateWindow
+from didomi_marketo.didomi.readers import ALL_DATES, DateWindow, InputFile
 from didomi_marketo.errors import ConfigError, FatalError
-from didomi_marketo.inputs import InputFilter, InputStats, build_fold, read_into
-from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
+from didomi_marketo.inputs import InputFilter, InputStats, build_fold, default_jobs, read_into
+from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Token
 from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock
 from didomi_marketo.marketo.schema import fetch_schema
@@ -58,6 +60,7 @@ class SyncOptions:
     window: DateWindow = ALL_DATES  # --since / --until: which date= partitions to read
     via: str = "auto"  # rest | bulk | auto: Sync Leads, bulk import, or bulk above bulk_threshold
     bulk_threshold: int = DEFAULT_BULK_THRESHOLD  # leads to send from which `auto` picks bulk
+    jobs: int | None = None  # processes reading and folding; None: the cores available
 
 
 @dataclass
@@ -108,8 +111,9 @@ def run_sync(
     refuse_bulk(config, options.via)
     input_stats = InputStats()
     warnings, warn = _warnings(on_warning)
-    earlier_calls: list[float] = []
     resumed: DeliveryStats | None = None
+    preflight: Preflight | None = None
+    timings: dict[str, float] = {}
     with open_state(options) as store:
         fold = build_fold(config, report.issue, options.spill_threshold)
         if store is not None and credentials is not None and not options.dry_run:
@@ -118,17 +122,24 @@ def run_sync(
             check_urls(options.paths)  # a URL without its extra installed: exit 2 before any call
             if not options.dry_run:
                 assert credentials is not None
-                # Fail fast on bad credentials before reading gigabytes of input.
-                earlier_calls = asyncio.run(
-                    _preflight(credentials, config, store, options.check_schema, warn)
-                )
-                if store is not None and store.open_bulk_jobs():
+                # The token, the schema check and today's usage are fetched while the input is
+                # read: neither needs the other. A failure stops the reading at the next file.
+                preflight = Preflight(credentials, config, store, options.check_schema, warn)
+            inputs = InputFilter(store, options.full, config) if store is not None else None
+            read_started = time.monotonic()
+            read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window,
+                      jobs=options.jobs or default_jobs(),
+                      on_start=preflight.start if preflight else None,
+                      check=preflight.check if preflight else None)  # fmt: skip
+            fold_ended = time.monotonic()
+            if preflight is not None:
+                preflight.finish(store)  # raises what it found (bad credentials, missing fields)
+                if store is not None and credentials is not None and store.open_bulk_jobs():
                     # Before planning: what those jobs confirm is not planned (or sent) again.
                     resumed = asyncio.run(
-                        _resume(config, credentials, options, report, store, sinks, clock, earlier_calls)
+                        _resume(config, credentials, options, report, store, sinks, clock, preflight.calls)
                     )
-            inputs = InputFilter(store, options.full, config) if store is not None else None
-            read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window)
+            timings["read_and_fold_seconds"] = round(fold_ended - read_started, 3)
             if inputs is not None:
                 input_stats.files_unchanged = inputs.unchanged
             folded = fold.size_hint()  # for the quota estimate and the progress bar
@@ -138,7 +149,10 @@ def run_sync(
             try:
                 tee = _Tee(planner.plan(fold.leads()), output)
                 delivery = send_updates(config, credentials, options, tee, report, store, sinks, clock,
-                                        on_progress, folded, warn, earlier_calls, resumed)  # fmt: skip
+                                        on_progress, folded, warn, resumed=resumed,
+                                        preflight=preflight)  # fmt: skip
+                if delivery is not None and delivery.first_call_at is not None and clock is None:
+                    timings["first_call_after_fold_seconds"] = round(delivery.first_call_at - fold_ended, 3)
                 if delivery is not None and inputs is not None:
                     # Every lead of these inputs is now confirmed, skipped or pending in the
                     # state: the next sync may skip them while they stay unchanged.
@@ -153,6 +167,7 @@ def run_sync(
         exit_code=exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused),
                             bool(input_stats.access_denied)),
         inputs=input_stats, fold=fold.stats, leads_folded=planner.stats.leads, delivery=delivery,
+        extra={"timings": timings},
     )  # fmt: skip
     report.finish(summary.to_json())
     fatal = delivery.fatal if delivery else None
@@ -212,8 +227,9 @@ def open_state(options: SyncOptions) -> Iterator[StateStore | None]:
 def send_updates(config: Config, credentials: Credentials | None, options: SyncOptions, updates: Iterable[LeadUpdate],
           report: Report, store: StateStore | None, sinks: list[Any] | None, clock: Clock | None,
           on_progress: Callable[[str, int, int | None], None] | None, expected: int,
-          warn: Callable[[str], None], earlier_calls: list[float],
-          resumed: DeliveryStats | None = None) -> DeliveryStats | None:  # fmt: skip
+          warn: Callable[[str], None], earlier_calls: Iterable[float] = (),
+          resumed: DeliveryStats | None = None,
+          preflight: Preflight | None = None) -> DeliveryStats | None:  # fmt: skip
     """Deliver the updates (outcomes to the report, the state and `sinks`), or just drain them."""
     if options.dry_run:
         for _ in updates:
@@ -233,9 +249,10 @@ def send_updates(config: Config, credentials: Credentials | None, options: SyncO
             on_progress,
             expected,
             warn,
-            earlier_calls,
+            [*earlier_calls, *(preflight.calls if preflight is not None else ())],
             store,
             resumed,
+            preflight,
         )  # fmt: skip
     )
 
@@ -244,46 +261,119 @@ SCHEMA_CACHE = "marketo_lead_fields"
 SCHEMA_MAX_AGE = 24 * 3600.0  # Adobe: cache describe results for about a day
 
 
-async def _preflight(credentials: Credentials, config: Config, store: StateStore | None,
-                     check_schema: bool, warn: Callable[[str], None]) -> list[float]:  # fmt: skip
-    """Before reading any input: the credentials work, and every mapped field exists in Marketo
-    and is writable (instead of collecting thousands of 1006 skips). Raises Fatal/ConfigError.
-    Returns when its REST calls started, for the delivery limiter's window."""
-    async with MarketoClient(credentials, timeout=config.delivery.timeout, max_connections=1) as client:
-        # A blip at /identity is retried briefly; a wrong URL or a dead instance fails fast
-        # (the delivery itself retries for minutes, per batch).
-        policy = RetryPolicy(client.clock, min_attempts=3, min_seconds=0.0, base_delay=0.5, max_delay=2.0)
-        try:
-            await policy.run(client.token)
-        except GaveUp as e:
-            raise FatalError(f"cannot reach Marketo at {credentials.base_url}: {e.last.message}") from None
-        except CallFailed as e:
-            raise FatalError(f"cannot reach Marketo at {credentials.base_url}: {e.message}") from None
-        calls = client.recent_calls
-        if not check_schema:
-            return list(calls)
-        fields = store.cached(SCHEMA_CACHE, SCHEMA_MAX_AGE) if store is not None else None
+class Preflight:
+    """What must hold before sending, checked in a thread while the input is read: the credentials
+    work, every mapped field exists in Marketo and is writable (instead of thousands of 1006
+    skips), and today's usage (for the quota warning). `finish` raises what it found."""
+
+    def __init__(self, credentials: Credentials, config: Config, store: StateStore | None,
+                 check_schema: bool, warn: Callable[[str], None]):  # fmt: skip
+        self.credentials, self.config, self.check_schema, self.warn = credentials, config, check_schema, warn
+        # SQLite connections stay in their thread: the cache is read here and written in finish.
+        self.cached = store.cached(SCHEMA_CACHE, SCHEMA_MAX_AGE) if store and check_schema else None
+        self.fields: list[dict[str, Any]] | None = None
+        self.calls: list[float] = []  # when its REST calls started: they count in the rate window
+        self.token: Token | None = None
+        self.used: int | None = None
+        self.read_usage = self.usage_read = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="preflight", daemon=True)
+        self._switch_interval = sys.getswitchinterval()
+
+    def start(self, files: list[InputFile]) -> None:
+        # Today's usage matters to runs of 50 calls or more: read it now when the input is big
+        # enough to be one; a smaller run reads it after the fold, only if it needs to.
+        self.read_usage = sum(_size(f) for f in files) >= USAGE_PREFETCH_BYTES
+        # The reading holds the GIL in long stretches; a shorter switch interval lets this
+        # thread answer its sockets within a millisecond instead of five.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
+        self._thread.start()
+
+    def check(self) -> None:
+        """Between files: stop reading as soon as the preflight has failed."""
+        if self.error is not None:
+            raise self.error
+
+    def finish(self, store: StateStore | None) -> None:
+        """Wait for the calls (a thread dies with the process if the reading is interrupted)."""
+        if self._thread.ident is None:  # no input at all: nothing was read meanwhile
+            self._run()
+        self._thread.join()
+        sys.setswitchinterval(self._switch_interval)
+        if self.error is not None:
+            raise self.error
+        if store is not None and self.fields is not None and self.cached is None:
+            store.cache(SCHEMA_CACHE, self.fields)
+        fields = self.cached if self.cached is not None else self.fields
         if fields is None:
+            return
+        problems = schema_problems(self.config.mappings, self.config.lookup_field, fields)
+        # Refuse only what Marketo would skip for every lead (missing or read-only field); a type
+        # doubt is a warning here and a finding of `check`.
+        errors = [p for p in problems if p.kind in BLOCKING_KINDS]
+        for p in problems:
+            if p not in errors:
+                self.warn(f"{p.where + ': ' if p.where else ''}{p.message}")
+        if errors:
+            raise ConfigError(
+                [f"{p.where + ': ' if p.where else ''}{p.message}" for p in errors]
+                + ["nothing was sent: fix the mapping (see `didomi-marketo check`), or --skip-schema-check"]
+            )
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._calls())
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by check/finish
+            self.error = e
+
+    async def _calls(self) -> None:
+        credentials = self.credentials
+        async with MarketoClient(
+            credentials, timeout=self.config.delivery.timeout, max_connections=2
+        ) as client:
+            # A blip at /identity is retried briefly; a wrong URL or a dead instance fails fast
+            # (the delivery itself retries for minutes, per batch).
+            policy = RetryPolicy(client.clock, min_attempts=3, min_seconds=0.0, base_delay=0.5, max_delay=2.0)
             try:
-                fields = await fetch_schema(client)
-            except FatalError as e:
-                warn(f"schema check skipped: {e}")
-                return list(calls)
-            if store is not None:
-                store.cache(SCHEMA_CACHE, fields)
-    problems = schema_problems(config.mappings, config.lookup_field, fields)
-    # Refuse only what Marketo would skip for every lead (missing or read-only field); a type
-    # doubt is a warning here and a finding of `check`.
-    errors = [p for p in problems if p.kind in BLOCKING_KINDS]
-    for p in problems:
-        if p not in errors:
-            warn(f"{p.where + ': ' if p.where else ''}{p.message}")
-    if errors:
-        raise ConfigError(
-            [f"{p.where + ': ' if p.where else ''}{p.message}" for p in errors]
-            + ["nothing was sent: fix the mapping (see `didomi-marketo check`), or --skip-schema-check"]
-        )
-    return list(calls)
+                await policy.run(client.token)
+            except GaveUp as e:
+                raise FatalError(
+                    f"cannot reach Marketo at {credentials.base_url}: {e.last.message}"
+                ) from None
+            except CallFailed as e:
+                raise FatalError(f"cannot reach Marketo at {credentials.base_url}: {e.message}") from None
+            self.token = client.current_token
+            need_schema = self.check_schema and self.cached is None
+            # Both at once: each is a full round trip, and the reading rarely takes longer.
+            self.fields, self.used = await asyncio.gather(
+                self._schema(client) if need_schema else _none(),
+                _usage(client) if self.read_usage else _none(),
+            )
+            self.usage_read = self.read_usage
+            self.calls = list(client.recent_calls)
+
+    async def _schema(self, client: MarketoClient) -> list[dict[str, Any]] | None:
+        try:
+            return await fetch_schema(client)
+        except FatalError as e:
+            self.warn(f"schema check skipped: {e}")
+            return None
+
+
+async def _none() -> None:
+    return None
+
+
+# A run of 50 calls has 15,000 leads or more: at least ~500 KB even gzipped at ~35 bytes a lead.
+USAGE_PREFETCH_BYTES = 500_000
+
+
+def _size(f: InputFile) -> int:
+    try:
+        return f.path.stat().st_size if f.display != "<stdin>" else 0
+    except OSError:
+        return 0
 
 
 class _Fanout:
@@ -299,15 +389,21 @@ async def _deliver(config: Config, credentials: Credentials, options: SyncOption
                    report: Report, sinks: list[Any], clock: Clock | None,
                    on_progress: Callable[[str, int, int | None], None] | None, folded: int,
                    warn: Callable[[str], None], earlier_calls: list[float], store: StateStore | None,
-                   resumed: DeliveryStats | None) -> DeliveryStats:  # fmt: skip
+                   resumed: DeliveryStats | None, preflight: Preflight | None) -> DeliveryStats:  # fmt: skip
     settings = config.delivery
     async with MarketoClient(
         credentials, timeout=settings.timeout, max_connections=settings.max_concurrency, clock=clock
     ) as client:
+        if preflight is not None and preflight.token is not None and clock is None:
+            client.reuse_token(preflight.token)  # same clock: no second identity call
         path, why, updates = choose_path(config, options, updates, folded)
         expected_calls = math.ceil(folded / settings.batch_size)
         if path == "rest" and expected_calls >= 50:
-            warning = await _quota_warning(client, expected_calls, options.daily_quota)
+            if preflight is not None and preflight.usage_read:
+                used = preflight.used
+            else:
+                used = await _usage(client)
+            warning = _quota_warning(used, expected_calls, options.daily_quota)
             if warning:
                 warn(warning)
         progress = None
@@ -406,13 +502,19 @@ def _once(loop: asyncio.AbstractEventLoop, sig: int, action: Callable[[], None])
     return handler
 
 
-async def _quota_warning(client: MarketoClient, calls: int, quota: int) -> str | None:
-    """Read today's usage; warn when this run would not fit in what is left of the quota."""
+async def _usage(client: MarketoClient) -> int | None:
+    """Today's API calls so far, or None when Marketo would not say."""
     try:
-        used = await client.usage_today()
+        return await client.usage_today()
     except CallFailed:
         return None
-    left = quota - (used or 0)
+
+
+def _quota_warning(used: int | None, calls: int, quota: int) -> str | None:
+    """A warning when this run would not fit in what is left of today's quota."""
+    if used is None:
+        return None
+    left = quota - used
     if calls > left:
         return (
             f"this run needs about {calls} calls but only {max(left, 0)} of the daily quota "
@@ -468,7 +570,7 @@ def run_retry(
         planner.pending = set()  # retry sends the report's leads, not the state's other pending ones
         tee = _Tee(planner.reconcile(updates), None)
         delivery = send_updates(config, credentials, options, tee, report, store, sinks, clock, on_progress,
-                         len(updates), warn, [])  # fmt: skip
+                                len(updates), warn)  # fmt: skip
     summary = RunSummary(
         "retry-dry-run" if options.dry_run else "retry", started, time.time(), config.identity(),
         planner.stats, exit_code=exit_code(delivery), delivery=delivery, from_report=str(report_dir),

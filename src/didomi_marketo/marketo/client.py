@@ -113,6 +113,16 @@ class MarketoClient:
             self._token = await self._fetch_token()
             return self._token.value
 
+    @property
+    def current_token(self) -> Token | None:
+        return self._token
+
+    def reuse_token(self, token: Token) -> None:
+        """Start from a token another client of this process fetched (same clock), instead of
+        spending an identity round trip on a second one."""
+        if self._token is None:
+            self._token = token
+
     def invalidate(self, value: str | None) -> None:
         """Forget the token a call was refused with (601/602), unless already replaced."""
         if self._token is not None and (value is None or self._token.value == value):
