@@ -946,7 +946,7 @@ class MarketoSandbox:
             if limited is not None:
                 return self._error(*limited)
             call = _Call(effective, path, query, headers, body, next(self._seq))
-            fault = self._take_fault(path, is_sync)
+            fault = self._take_fault(path, is_sync, effective)
 
         admitted = time.monotonic()
         try:
@@ -1036,13 +1036,14 @@ class MarketoSandbox:
         self._usage[today] = self._usage.get(today, 0) + 1
         return None
 
-    def _take_fault(self, path: str, is_sync: bool) -> _Fault | None:
+    def _take_fault(self, path: str, is_sync: bool, method: str = "") -> _Fault | None:
         """The next queued fault matching this call, else a random one (sync calls only).
+        A fault queued for `"GET /rest/v1/leads.json"` hits Get Leads by filter (reconcile).
 
         Must hold the lock."""
         for i, entry in enumerate(self._queued):
             fault, fpath, _ = entry
-            if fpath == path and (path != LEADS_PATH or is_sync):
+            if (fpath == path and (path != LEADS_PATH or is_sync)) or fpath == f"{method} {path}":
                 entry[2] -= 1
                 if entry[2] <= 0:
                     del self._queued[i]
