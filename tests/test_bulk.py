@@ -155,3 +155,21 @@ def test_a_failed_job_is_reported_failed_without_fetching_files(sandbox_factory)
     importer, result = _run(sb, clock, work)
     assert result.status.status == "Failed" and "nope" in result.status.message
     assert importer.stats.file_fetches == 0 and importer.stats.jobs_failed == 1
+
+
+def test_one_poller_asks_about_the_oldest_job_only(sandbox_factory):
+    """Four jobs, two importing at a time for 100 s each: polling each job on its own would
+    spend ~26 calls; asking about the oldest unfinished one spends 16: 7 until the first two
+    finish at 100 s, 1 for the second, 1 at once for the third (still importing), 6 until the
+    last two finish at 200 s, 1 for the last."""
+    sb = sandbox_factory(bulk_queued_seconds=0, bulk_import_seconds=100)
+    clock = HandClock()
+    sb.bulk_clock = clock.now
+
+    async def work(importer):
+        ids = [await importer.submit(f"email\nu{i}@x.com\n".encode(), "email") for i in range(4)]
+        return await asyncio.gather(*(importer.collect(i, "email") for i in ids))
+
+    importer, results = _run(sb, clock, work)
+    assert [r.status.status for r in results] == ["Complete"] * 4
+    assert importer.stats.polls == 16 == sb.stats()["bulk_status_calls"]

@@ -11,6 +11,7 @@ keyed by the lookup value, and deliver_bulk.py turns them into outcomes.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import tempfile
@@ -240,6 +241,8 @@ class BulkImporter:
         self.poll_max = max(poll_max, poll_min)
         self.should_stop = should_stop
         self.stats = BulkStats()
+        self._waiting: dict[int, asyncio.Future[JobStatus]] = {}  # by batch id, oldest first
+        self._poller: asyncio.Task[None] | None = None
 
     async def _call(self, attempt: Callable[[], Any]) -> Any:
         async def once() -> Any:
@@ -291,16 +294,44 @@ class BulkImporter:
         )
 
     async def wait(self, batch_id: int) -> JobStatus:
-        """Poll until Complete or Failed: first after poll_min, then less often, up to poll_max."""
-        delay = self.poll_min
-        while True:
-            await self.clock.sleep(delay)
-            job = await self.status(batch_id)
+        """Wait until the job is Complete or Failed.
+
+        One poller serves every job, oldest first: Marketo imports its FIFO queue two at a time,
+        so a job behind an unfinished one is rarely done, and polling it would spend a call for
+        nothing. The poller asks about the oldest job first after poll_min, then less often, up
+        to every poll_max; when a job finishes it asks about the next one at once."""
+        future: asyncio.Future[JobStatus] = asyncio.get_running_loop().create_future()
+        self._waiting[batch_id] = future
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        return await future
+
+    async def _poll(self) -> None:
+        delay: float | None = self.poll_min
+        await self.clock.sleep(self.poll_min)
+        while self._waiting:
+            batch_id, future = next(iter(self._waiting.items()))
+            try:
+                job = await self.status(batch_id)
+            except Exception as e:  # noqa: BLE001 - every waiting job learns why, none hangs
+                self._fail_waiting(e)
+                return
             if job.status in DONE:
-                return job
+                del self._waiting[batch_id]
+                future.set_result(job)
+                delay = None  # the next job may be done already: ask at once, then from poll_min
+                continue
             if why := self.should_stop():
-                raise Stopped(why)
-            delay = min(self.poll_max, delay * POLL_GROWTH)
+                self._fail_waiting(Stopped(why))
+                return
+            delay = self.poll_min if delay is None else min(self.poll_max, delay * POLL_GROWTH)
+            await self.clock.sleep(delay)
+
+    def _fail_waiting(self, error: Exception) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(error)
 
     async def collect(self, batch_id: int, lookup_field: str) -> JobResult:
         """Wait for the job, then read its failures and warnings (only when there are some)."""
