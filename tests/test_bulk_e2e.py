@@ -259,3 +259,36 @@ def test_a_run_killed_mid_poll_is_collected_by_the_next_run_without_uploading_ag
     assert len(lines(tmp_path / "r2" / "delivered.ndjson")) == 60
     assert len(sb.leads()) == 60
     assert sb.lead_by_email("u003@example.com")["didomiTopics"] == "news,events"
+
+
+def test_retryable_bulk_outcomes_go_to_retry_and_the_state_like_rest_ones(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(bulk_queued_seconds=0, bulk_import_seconds=0)
+    sb.inject("code:611", 1000, path="/bulk/v1/leads.json")  # Marketo keeps failing the uploads
+    data = write_ndjson(tmp_path / "users.ndjson", users(30))
+    cfg = config(tmp_path, sb, upsert_mode=True,
+                 delivery={**FAST_POLLS, "retry_min_attempts": 1, "retry_min_seconds": 0.01})  # fmt: skip
+    state = tmp_path / "state.db"
+    first = cli(
+        "sync", data, "-c", cfg, "--via", "bulk", "--state", state, "--report", tmp_path / "r1", env=ENV
+    )
+    assert first.exit_code == 1, first.output
+    failed = lines(tmp_path / "r1" / "undelivered.ndjson")
+    assert len(failed) == 30 and all(u["retryable"] and u["code"] == "611" for u in failed)
+    assert sb.leads() == []
+
+    sb.clear_faults()
+    again = cli("retry", tmp_path / "r1", "-c", cfg, "--via", "bulk", "--state", state,
+                "--report", tmp_path / "r2", env=ENV)  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert len(lines(tmp_path / "r2" / "delivered.ndjson")) == 30 and len(sb.leads()) == 30
+    uploads = sb.stats()["bulk_uploads"]
+
+    # The state took the retried leads as confirmed: the next run has nothing pending to re-send
+    # (pending leads, bulk or REST, are re-sent by the next --state run until confirmed).
+    last = cli(
+        "sync", data, "-c", cfg, "--via", "bulk", "--state", state, "--report", tmp_path / "r3", env=ENV
+    )
+    assert last.exit_code == 0, last.output
+    summary = json.loads((tmp_path / "r3" / "summary.json").read_text())
+    assert summary["leads"]["to_send"] == 0 and summary["leads"]["pending_resent"] == 0
+    assert sb.stats()["bulk_uploads"] == uploads
