@@ -29,6 +29,7 @@ def _upload(sb, headers, text: str, **params: str) -> dict:
         headers=headers,
         data=params,
         files={"file": ("leads.csv", text.encode(), "text/csv")},
+        timeout=120,  # a 9 MB upload on a busy host
     )
     assert r.status_code == 200
     return r.json()
@@ -135,6 +136,12 @@ def test_request_errors_match_marketo(sandbox_factory):
     h = _token(sb)
     not_multipart = httpx.post(sb.base_url + "/bulk/v1/leads.json", headers=h, json={"x": 1}).json()
     assert not_multipart["errors"][0]["code"] == "612"
+    malformed = httpx.post(
+        sb.base_url + "/bulk/v1/leads.json",
+        headers={**h, "Content-Type": "multipart/form-data; boundary=XyZ"},
+        content=b"--XyZ\r\nno headers here--XyZ--",
+    ).json()
+    assert malformed["errors"][0]["code"] == "613"
     unknown = httpx.get(sb.base_url + "/bulk/v1/leads/batch/424242.json", headers=h).json()
     assert unknown["success"] is False and unknown["errors"][0]["code"] == "1013"
     no_token = httpx.get(sb.base_url + "/bulk/v1/leads/batch/1.json").json()
