@@ -77,6 +77,18 @@ ViaOpt = Annotated[
 BulkThresholdOpt = Annotated[
     int, typer.Option("--bulk-threshold", min=1, help="Leads to send from which --via auto uses bulk import.")
 ]
+MaxCallsPer20sOpt = Annotated[
+    int | None, typer.Option("--max-calls-per-20s", min=1, max=100, help="Share of the 100 calls/20 s limit.")
+]
+MaxConcurrencyOpt = Annotated[
+    int | None, typer.Option("--max-concurrency", min=1, max=10, help="Share of the 10 concurrent calls.")
+]
+DailyQuotaOpt = Annotated[
+    int, typer.Option("--daily-quota", min=1, help="Your subscription's daily call quota.")
+]
+RateWindowOpt = Annotated[
+    float, typer.Option("--rate-window", min=0.1, help="Seconds of the rate window (20; less for a sandbox).")
+]
 LogFormatOpt = Annotated[
     str, typer.Option("--log-format", help="text, or json: one JSON object a line on stderr (for cron).")
 ]

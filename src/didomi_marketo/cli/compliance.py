@@ -12,7 +12,11 @@ import typer
 from didomi_marketo.cli.common import (
     AllowIncompleteOpt,
     ConfigOpt,
+    DailyQuotaOpt,
+    MaxCallsPer20sOpt,
+    MaxConcurrencyOpt,
     QuietOpt,
+    RateWindowOpt,
     StateOpt,
     WaitLockOpt,
     expected_errors,
@@ -52,21 +56,10 @@ def reconcile(
     max_calls: Annotated[
         int | None, typer.Option("--max-calls", min=1, help="Refuse to spend more Marketo calls than this.")
     ] = None,
-    daily_quota: Annotated[
-        int, typer.Option("--daily-quota", min=1, help="Your subscription's daily call quota.")
-    ] = 50_000,
-    max_calls_per_20s: Annotated[
-        int | None,
-        typer.Option("--max-calls-per-20s", min=1, max=100, help="Share of the 100 calls/20 s limit."),
-    ] = None,
-    max_concurrency: Annotated[
-        int | None,
-        typer.Option("--max-concurrency", min=1, max=10, help="Share of the 10 concurrent calls."),
-    ] = None,
-    rate_window: Annotated[
-        float,
-        typer.Option("--rate-window", min=0.1, help="Seconds of the rate window (20; less for a sandbox)."),
-    ] = 20.0,
+    daily_quota: DailyQuotaOpt = 50_000,
+    max_calls_per_20s: MaxCallsPer20sOpt = None,
+    max_concurrency: MaxConcurrencyOpt = None,
+    rate_window: RateWindowOpt = 20.0,
     allow_incomplete: AllowIncompleteOpt = False,
     wait_lock: WaitLockOpt = 0.0,
     quiet: QuietOpt = False,

@@ -11,10 +11,14 @@ from didomi_marketo.cli.common import (
     AllowIncompleteOpt,
     BulkThresholdOpt,
     ConfigOpt,
+    DailyQuotaOpt,
     LogFormatOpt,
+    MaxCallsPer20sOpt,
+    MaxConcurrencyOpt,
     PathsArg,
     ProgressBar,
     QuietOpt,
+    RateWindowOpt,
     SinceOpt,
     StateOpt,
     UntilOpt,
@@ -58,21 +62,10 @@ def sync(
     max_calls: Annotated[
         int | None, typer.Option("--max-calls", min=1, help="Cap the Marketo calls this run may spend.")
     ] = None,
-    max_calls_per_20s: Annotated[
-        int | None,
-        typer.Option("--max-calls-per-20s", min=1, max=100, help="Share of the 100 calls/20 s limit."),
-    ] = None,
-    max_concurrency: Annotated[
-        int | None,
-        typer.Option("--max-concurrency", min=1, max=10, help="Share of the 10 concurrent calls."),
-    ] = None,
-    daily_quota: Annotated[
-        int, typer.Option("--daily-quota", min=1, help="Your subscription's daily call quota.")
-    ] = 50_000,
-    rate_window: Annotated[
-        float,
-        typer.Option("--rate-window", min=0.1, help="Seconds of the rate window (20; less for a sandbox)."),
-    ] = 20.0,
+    max_calls_per_20s: MaxCallsPer20sOpt = None,
+    max_concurrency: MaxConcurrencyOpt = None,
+    daily_quota: DailyQuotaOpt = 50_000,
+    rate_window: RateWindowOpt = 20.0,
     state: StateOpt = None,
     full: Annotated[
         bool, typer.Option("--full", help="Ignore the state for this run (send everything), then refresh it.")
