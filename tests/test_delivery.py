@@ -261,6 +261,17 @@ def test_warns_before_a_run_that_would_not_fit_in_todays_quota(sandbox_factory, 
     assert res.exit_code == 3  # and it does stop at the quota
 
 
+def test_a_run_under_one_percent_of_the_quota_spends_no_call_on_reading_usage(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 600)))
+    events_file(tmp_path, 600)
+    config = make_config(tmp_path, sb, delivery={"batch_size": 10, "max_concurrency": 2})
+    res = cli("sync", tmp_path / "events.ndjson", "-c", config, "-q")  # 60 calls of 50,000
+    assert res.exit_code == 0 and "warning" not in res.stderr
+    stats = sb.stats()
+    assert stats["sync_calls"] == 60
+    assert stats["calls_total"] == stats["sync_calls"] + stats["describe_calls"]  # no usage read
+
+
 def test_retry_with_state_never_rolls_back_a_newer_sync(sandbox_factory, tmp_path, cli):
     sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 20)))
     events_file(tmp_path, 20)  # newsletter true, Nov 1

@@ -124,7 +124,7 @@ def run_sync(
                 assert credentials is not None
                 # The token, the schema check and today's usage are fetched while the input is
                 # read: neither needs the other. A failure stops the reading at the next file.
-                preflight = Preflight(credentials, config, store, options.check_schema, warn)
+                preflight = Preflight(credentials, config, store, options, warn)
             inputs = InputFilter(store, options.full, config) if store is not None else None
             read_started = time.monotonic()
             read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window,
@@ -267,10 +267,11 @@ class Preflight:
     skips), and today's usage (for the quota warning). `finish` raises what it found."""
 
     def __init__(self, credentials: Credentials, config: Config, store: StateStore | None,
-                 check_schema: bool, warn: Callable[[str], None]):  # fmt: skip
-        self.credentials, self.config, self.check_schema, self.warn = credentials, config, check_schema, warn
+                 options: SyncOptions, warn: Callable[[str], None]):  # fmt: skip
+        self.credentials, self.config, self.warn = credentials, config, warn
+        self.check_schema, self.daily_quota = options.check_schema, options.daily_quota
         # SQLite connections stay in their thread: the cache is read here and written in finish.
-        self.cached = store.cached(SCHEMA_CACHE, SCHEMA_MAX_AGE) if store and check_schema else None
+        self.cached = store.cached(SCHEMA_CACHE, SCHEMA_MAX_AGE) if store and self.check_schema else None
         self.fields: list[dict[str, Any]] | None = None
         self.calls: list[float] = []  # when its REST calls started: they count in the rate window
         self.token: Token | None = None
@@ -283,7 +284,10 @@ class Preflight:
     def start(self, files: list[InputFile]) -> None:
         # Today's usage matters to runs of 50 calls or more: read it now when the input is big
         # enough to be one; a smaller run reads it after the fold, only if it needs to.
-        self.read_usage = sum(_size(f) for f in files) >= USAGE_PREFETCH_BYTES
+        calls = usage_read_from(self.daily_quota)
+        self.read_usage = (
+            sum(_size(f) for f in files) >= calls * self.config.delivery.batch_size * BYTES_PER_LEAD
+        )
         # The reading holds the GIL in long stretches; a shorter switch interval lets this
         # thread answer its sockets within a millisecond instead of five.
         self._switch_interval = sys.getswitchinterval()
@@ -365,8 +369,16 @@ async def _none() -> None:
     return None
 
 
-# A run of 50 calls has 15,000 leads or more: at least ~500 KB even gzipped at ~35 bytes a lead.
-USAGE_PREFETCH_BYTES = 500_000
+BYTES_PER_LEAD = 35  # about the least a lead's record takes, even gzipped
+
+
+def usage_read_from(daily_quota: int) -> int:
+    """The calls from which a run reads today's usage first (for the quota warning).
+
+    Under 1% of the quota, a run could only not fit with 99% of it spent, and then the 607 stop
+    leaves the rest retryable anyway; the read itself is a call in the rate window, and at a
+    multiple of 100 calls one more call costs the run a whole extra 20 s window."""
+    return max(50, daily_quota // 100)
 
 
 def _size(f: InputFile) -> int:
@@ -398,7 +410,7 @@ async def _deliver(config: Config, credentials: Credentials, options: SyncOption
             client.reuse_token(preflight.token)  # same clock: no second identity call
         path, why, updates = choose_path(config, options, updates, folded)
         expected_calls = math.ceil(folded / settings.batch_size)
-        if path == "rest" and expected_calls >= 50:
+        if path == "rest" and expected_calls >= usage_read_from(options.daily_quota):
             if preflight is not None and preflight.usage_read:
                 used = preflight.used
             else:
