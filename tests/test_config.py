@@ -371,7 +371,8 @@ def test_upsert_flag_with_lead_id_is_an_error(tmp_path):
     assert c.with_upsert(False).upsert is False
     e = load_config(write_json(tmp_path, CONSOLE, name="e.json"))
     assert e.with_upsert(True).action == "createOrUpdate"
-    assert e.with_upsert(None).action == "createOrUpdate"
+    assert e.action == "updateOnly"  # frozen: the override is a changed copy
+    assert e.with_upsert(None) is e
 
 
 def test_upsert_mode_must_be_boolean(tmp_path):

@@ -2,6 +2,10 @@
 
 Every problem is collected, each with its `file:line`, and raised at once as a ConfigError.
 Credentials are resolved lazily (`Config.credentials()`), so dry runs and previews need none.
+
+`Config` is frozen: an override (`--upsert`, `--max-concurrency`) returns a changed copy. Every
+default the CLI shows and the library uses is declared once, here (or, for the reader's and the
+client's own limits, in the module that enforces them and re-exported here).
 """
 
 from __future__ import annotations
@@ -10,18 +14,36 @@ import difflib
 import ipaddress
 import os
 import re
+import select
+import stat
+import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 
+import httpx
 import orjson
 import yaml
 
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.mapping import FieldMapping, parse_property, parse_transforms
+from didomi_marketo.marketo.client import DEFAULT_TIMEOUT
 from didomi_marketo.marketo.credentials import Credentials, Secret
+
+# Defaults and bounds, declared once: the CLI's options and the library both read these.
+RATE_CALLS = 100  # Marketo: 100 calls per 20 s per instance, shared by every integration
+RATE_WINDOW_SECONDS = 20.0
+MAX_CONCURRENCY = 10  # Marketo: 10 calls in flight per instance
+BATCH_SIZE = 300  # Marketo: at most 300 leads per Sync Leads call
+DEFAULT_DAILY_QUOTA = 50_000  # Marketo's default daily API quota (calls a day, reset at midnight US Central)
+RETRY_MIN_ATTEMPTS = 5  # what Didomi's own integration promises
+RETRY_MIN_SECONDS = 300.0
+
+MAX_CONFIG_BYTES = 1024 * 1024  # a Didomi integration config is a few KB
+FIFO_WAIT_SECONDS = 10.0  # a config read from a pipe (`-c <(...)`) must arrive within this
+ALIAS_BUDGET = 10_000  # YAML nodes after alias expansion: a billion-laughs bomb stops here
 
 # Keys the Didomi Marketplace API adds around an integration; accepted and ignored so that
 # the JSON copied from the console or API works verbatim.
@@ -33,12 +55,6 @@ TOP_KEYS = {"type_id", "authentication", "properties", "mappings", "upsert_mode"
 AUTH_KEYS = {"client_id", "client_secret", "instance"}
 PROPERTY_KEYS = {"user_identifier", "regulations"}
 MAPPING_KEYS = {"id", "value", "transform"}
-DELIVERY_KEYS = {
-    "max_calls_per_20s", "max_concurrency", "max_calls", "batch_size",
-    "timeout", "retry_min_attempts", "retry_min_seconds", "bulk_poll_min_seconds", "bulk_poll_max_seconds",
-}  # fmt: skip
-DEFAULT_DAILY_QUOTA = 50_000  # Marketo's default daily API quota (calls a day, reset at midnight US Central)
-
 IDENTIFIERS = {"email": "email", "leadID": "id"}
 ENV_OVERRIDES = {  # the environment beats the file (flag > environment > file)
     "client_id": "MARKETO_CLIENT_ID",
@@ -49,26 +65,37 @@ MUNCHKIN = re.compile(r"^\d{3}-[A-Za-z]{3}-\d{3}$")
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+def _bounded(default: Any, low: float, high: float = float("inf"), why: str = "") -> Any:
+    """A setting with its default and its valid range, in one declaration."""
+    return field(default=default, metadata={"range": (low, high), "why": why})
+
+
 @dataclass(frozen=True)
 class DeliverySettings:
-    max_calls_per_20s: int = 100
-    max_concurrency: int = 10
-    max_calls: int | None = None
-    batch_size: int = 300
-    timeout: float = 120.0
-    retry_min_attempts: int = 5
-    retry_min_seconds: float = 300.0
+    """`delivery:` in the config. Each key's type (int or float), default and range."""
+
+    max_calls_per_20s: int = _bounded(RATE_CALLS, 1, RATE_CALLS, "Marketo's limit")
+    max_concurrency: int = _bounded(MAX_CONCURRENCY, 1, MAX_CONCURRENCY, "Marketo's limit")
+    max_calls: int | None = _bounded(None, 1)
+    batch_size: int = _bounded(BATCH_SIZE, 1, BATCH_SIZE, "Marketo's limit")
+    timeout: float = _bounded(DEFAULT_TIMEOUT, 0.001, 3600.0)
+    retry_min_attempts: int = _bounded(RETRY_MIN_ATTEMPTS, 1, 1000)
+    retry_min_seconds: float = _bounded(RETRY_MIN_SECONDS, 0.001, 7 * 86400.0)
     # Bulk import jobs are polled every 5 s at first, then less often, up to every 30 s (Adobe's
     # advice); shorter only for a sandbox with compressed time.
-    bulk_poll_min_seconds: float = 5.0
-    bulk_poll_max_seconds: float = 30.0
+    bulk_poll_min_seconds: float = _bounded(5.0, 0.001, 3600.0)
+    bulk_poll_max_seconds: float = _bounded(30.0, 0.001, 3600.0)
 
 
-@dataclass
+DELIVERY_KEYS = {f.name for f in fields(DeliverySettings)}
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated Didomi Marketo integration config (the console's JSON or YAML), with `file:line`
     of each setting kept for later messages. Credentials resolve lazily (`credentials()`), so
-    dry runs and previews need none; `identity()` is the secret-free form for reports."""
+    dry runs and previews need none; `identity()` is the secret-free form for reports.
+    Frozen: an override (`--upsert`, `--max-concurrency`) returns a changed copy."""
 
     path: str
     identifier: str  # "email" | "leadID"
@@ -89,7 +116,7 @@ class Config:
         return "createOrUpdate" if self.upsert else "updateOnly"
 
     def with_upsert(self, upsert: bool | None) -> Config:
-        """Apply `--upsert/--no-upsert`, re-checking the leadID rule."""
+        """Apply `--upsert/--no-upsert` (a copy), re-checking the leadID rule."""
         if upsert is None:
             return self
         if upsert and self.identifier == "leadID":
@@ -97,8 +124,12 @@ class Config:
                 f"{self.path}: --upsert cannot be used with user_identifier leadID "
                 "(lead ids cannot create leads)"
             )
-        self.upsert = upsert
-        return self
+        return replace(self, upsert=upsert)
+
+    def with_delivery(self, **changes: Any) -> Config:
+        """Apply command-line delivery overrides (a copy); None means "not given"."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, delivery=replace(self.delivery, **changes)) if changes else self
 
     def credentials(self) -> Credentials:
         """Resolve credentials: MARKETO_* variables first, then the config. Raises ConfigError.
@@ -141,8 +172,20 @@ class Config:
                 for m in self.mappings
             ],
             "client_id": os.environ.get("MARKETO_CLIENT_ID") or self._auth.get("client_id"),
-            "instance": os.environ.get("MARKETO_INSTANCE") or self._auth.get("instance"),
+            "instance": without_userinfo(os.environ.get("MARKETO_INSTANCE") or self._auth.get("instance")),
         }
+
+
+def without_userinfo(url: str | None) -> str | None:
+    """An instance URL without a `user:password@` part: never printed, logged or stored."""
+    if not url or "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    host = authority.rpartition("@")[2]
+    return f"{scheme}{sep}***@{host}{slash}{path}"
 
 
 def normalise_instance(value: str) -> str:
@@ -152,24 +195,36 @@ def normalise_instance(value: str) -> str:
         return f"https://{value}.mktorest.com"
     if "://" not in value:
         value = "https://" + value
-    parts = urlsplit(value)
+    shown = without_userinfo(value)
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"'{shown}' is not a Marketo REST endpoint, base URL or Munchkin id") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"'{value}' is not a Marketo REST endpoint, base URL or Munchkin id")
+        raise ValueError(f"'{shown}' is not a Marketo REST endpoint, base URL or Munchkin id")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"'{shown}': a user or password in the URL is not used by Marketo; remove it")
+    try:  # the parser that will send the calls must accept the host (an invalid IDNA name crashed it)
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # IPv6
+        httpx.URL(f"{parts.scheme}://{host}/")
+    except (httpx.InvalidURL, UnicodeError):
+        raise ValueError(f"'{shown}': '{parts.hostname}' is not a valid host name") from None
     path = parts.path.rstrip("/")
     for suffix in ("/rest/v1", "/rest", "/identity"):
         if path.endswith(suffix):
             path = path[: -len(suffix)]
             break
     if path:
-        raise ValueError(f"unexpected path '{parts.path}' in '{value}'")
+        raise ValueError(f"unexpected path '{parts.path}' in '{shown}'")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ValueError(
             f"plain http:// is refused for '{parts.hostname}' (credentials would travel in clear); "
             "use https://"
         )
-    netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    netloc = parts.hostname if port is None else f"{parts.hostname}:{port}"
     if ":" in parts.hostname:  # IPv6
-        netloc = f"[{parts.hostname}]" + (f":{parts.port}" if parts.port else "")
+        netloc = f"[{parts.hostname}]" + (f":{port}" if port else "")
     return f"{parts.scheme}://{netloc}"
 
 
@@ -189,12 +244,59 @@ def _is_loopback(host: str) -> bool:
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError with every problem found."""
     path = str(path)
+    raw = _read_config(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {e.start}); save the config as UTF-8"
+        ) from None
+    try:
+        data, lines = _parse(path, text)
+        return _validate(path, data, lines)
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a Didomi integration config") from None
+
+
+def _read_config(path: str) -> bytes:
+    """The config's bytes. A regular file, or a pipe (`-c <(envsubst < cfg.yaml)`) that delivers
+    within FIFO_WAIT_SECONDS: a FIFO nobody writes to must not hang the run. At most 1 MB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
-    data, lines = _parse(path, text)
-    return _validate(path, data, lines)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{path}: is a folder, not a config file")
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise ConfigError(f"{path}: not a regular file; give the config file itself")
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + FIFO_WAIT_SECONDS
+        while True:
+            if stat.S_ISFIFO(mode):
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    raise ConfigError(f"{path}: nothing arrived from the pipe in {FIFO_WAIT_SECONDS:g} s")
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(
+                    f"{path}: over {MAX_CONFIG_BYTES // 1024} KB; not a Didomi integration config"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _parse(path: str, text: str) -> tuple[Any, dict[tuple, int]]:
@@ -208,6 +310,9 @@ def _parse(path: str, text: str) -> tuple[Any, dict[tuple, int]]:
             raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     else:
         try:
+            # Aliases are counted on the node graph first: a 555-byte billion-laughs config
+            # must be refused before anything expands it.
+            _check_aliases(path, yaml.compose(text, Loader=yaml.SafeLoader))
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
@@ -226,6 +331,39 @@ def _parse(path: str, text: str) -> tuple[Any, dict[tuple, int]]:
     if node is not None:
         _node_lines(node, (), lines)
     return data, lines
+
+
+def _check_aliases(path: str, root: yaml.Node | None) -> None:
+    """Refuse a YAML document whose aliases expand past ALIAS_BUDGET nodes (sizes memoised per
+    node, so the check itself stays linear in the text)."""
+    if root is None:
+        return
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        kids = _children(node)
+        if children_done:
+            total = 1 + sum(sizes.get(id(k), 0) for k in kids)
+            if total > ALIAS_BUDGET:
+                raise ConfigError(
+                    f"{path}:{node.start_mark.line + 1}: YAML aliases expand to over {ALIAS_BUDGET:,} "
+                    "values; refused (an alias bomb?)"
+                )
+            sizes[id(node)] = total
+        else:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _node_lines(node: yaml.Node, path: tuple, out: dict[tuple, int]) -> None:
@@ -417,20 +555,31 @@ def _mappings(raw: Any, p: _Problems, identifier: str) -> list[FieldMapping]:
 
 
 def _delivery(raw: Any, p: _Problems) -> DeliverySettings:
+    """Each key checked against its declared type and range (DeliverySettings)."""
     if not isinstance(raw, dict):
         p.add(("delivery",), "must be an object")
         return DeliverySettings()
     p.unknown_keys(raw, DELIVERY_KEYS, ("delivery",))
+    types = get_type_hints(DeliverySettings)
     values: dict[str, Any] = {}
-    limits = {"max_calls_per_20s": (1, 100), "max_concurrency": (1, 10), "batch_size": (1, 300)}
-    for key in DELIVERY_KEYS & raw.keys():
-        v = raw[key]
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-            p.add(("delivery", key), "must be a positive number")
+    for f in fields(DeliverySettings):
+        if f.name not in raw:
             continue
-        lo, hi = limits.get(key, (0, float("inf")))
-        if not lo <= v <= hi:
-            p.add(("delivery", key), f"must be between {lo} and {hi} (Marketo's limit)")
+        v, loc = raw[f.name], ("delivery", f.name)
+        whole = types[f.name] in (int, int | None)
+        if v is None and f.default is None:
             continue
-        values[key] = v
+        if isinstance(v, bool) or not isinstance(v, int | float) or (whole and not isinstance(v, int)):
+            p.add(loc, f"must be a {'whole number' if whole else 'number'}, not {v!r}")
+            continue
+        low, high = f.metadata["range"]
+        if v <= 0:
+            p.add(loc, f"must be a positive number, not {v!r}")
+            continue
+        if not low <= v <= high:
+            bounds = f"at least {low:g}" if high == float("inf") else f"between {low:g} and {high:g}"
+            why = f" ({f.metadata['why']})" if f.metadata["why"] else ""
+            p.add(loc, f"must be {bounds}{why}, not {v!r}")
+            continue
+        values[f.name] = v
     return DeliverySettings(**values)

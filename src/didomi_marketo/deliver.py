@@ -25,6 +25,7 @@ from didomi_marketo.marketo.codes import (
     INTERNAL,
     QUOTA_RESET_NOTE,
     RESULT_MISMATCH,
+    SMALL_BODY_REFUSED,
     STOPPED,
     UNKNOWN_STATUS,
     Action,
@@ -240,7 +241,16 @@ class Engine:
             {"action": self.action, "lookupField": self.lookup_field, "input": [u.payload for u in batch]}
         )
         async with self.slot():
-            answer = await self.client.call("POST", SYNC_PATH, body=body)
+            try:
+                answer = await self.client.call("POST", SYNC_PATH, body=body)
+            except CallFailed as e:
+                if e.action is Action.SPLIT and len(body) <= MAX_BODY_BYTES:
+                    # Under Marketo's bound already: halves cannot help (a proxy answering 413 to
+                    # everything split 490 leads into 978 calls, then skipped each for good).
+                    raise CallFailed(
+                        SMALL_BODY_REFUSED, f"{e.message} for {len(body):,} bytes (under 1 MB)"
+                    ) from None
+                raise
         results = answer.get("result")
         if not isinstance(results, list) or len(results) != len(batch):
             got = len(results) if isinstance(results, list) else "no"

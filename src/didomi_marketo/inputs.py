@@ -20,6 +20,7 @@ from didomi_marketo.config import Config
 from didomi_marketo.didomi.fold import Fold, FoldSchema, FoldStats, IssueSink
 from didomi_marketo.didomi.readers import (
     ALL_DATES,
+    MAX_LINE_BYTES,
     DateWindow,
     IncompletePartition,
     InputFile,
@@ -38,7 +39,7 @@ from didomi_marketo.storage import check_urls, discover_url, is_url
 @dataclass
 class InputStats:
     files: int = 0
-    files_skipped: int = 0  # not JSON (READMEs...) in a folder
+    files_skipped: int = 0  # not JSON (READMEs...), or not a regular file (a FIFO...), in a folder
     files_unchanged: int = 0  # skipped: unchanged since the state recorded them
     records: int = 0
     partitions_refused: list[str] = field(default_factory=list)
@@ -67,21 +68,23 @@ def default_jobs() -> int:
 def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats,
               unchanged: InputFilter | None = None, window: DateWindow = ALL_DATES, *, jobs: int = 1,
               on_start: Callable[[list[InputFile]], None] | None = None,
-              check: Callable[[], None] | None = None) -> None:  # fmt: skip
+              check: Callable[[], None] | None = None,
+              max_line_bytes: int = MAX_LINE_BYTES) -> None:  # fmt: skip
     """Feed every record of `paths` into the fold. `unchanged` skips inputs the state has seen;
     `window` selects `date=` partitions by name. Raises ConfigError for an unusable URL.
 
     With `jobs` > 1 and several local files, worker processes each read and fold whole files
     and the results are merged in input order: the same leads, ties and `path:line` as one
     process. `on_start(files)` runs once the workers exist (a thread it starts is never forked
-    with them); `check` runs between files and may raise to stop the reading."""
+    with them); `check` runs between files and may raise to stop the reading. A line longer than
+    `max_line_bytes` is rejected at its `path:line`, never held in memory."""
     check_urls(paths)
     items = list(discover_all(paths, allow_incomplete, window))
     files = [i for i in items if isinstance(i, InputFile)]
     # Local files only: stdin cannot be shared, and a storage client's threads do not fork.
-    local = all(f.source is None and f.display != "<stdin>" for f in files)
+    local = all(f.source is None and not f.is_stream for f in files)
     if jobs > 1 and len(files) > 1 and local:
-        _read_parallel(fold, items, stats, unchanged, min(jobs, len(files)), on_start, check)
+        _read_parallel(fold, items, stats, unchanged, min(jobs, len(files)), on_start, check, max_line_bytes)
         return
     if on_start is not None:
         on_start(files)
@@ -91,7 +94,7 @@ def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: Input
         if not isinstance(item, InputFile):
             _reject_item(fold, item, stats)
         elif _wanted(item, stats, unchanged):
-            read = _read_file(fold, item, stats)
+            read = _read_file(fold, item, stats, max_line_bytes)
             if not read and unchanged is not None:
                 unchanged.forget(item)  # not read: the next run must try it again
 
@@ -118,12 +121,12 @@ def _wanted(item: InputFile, stats: InputStats, unchanged: InputFilter | None) -
     return True
 
 
-def _read_file(fold: Fold, item: InputFile, stats: InputStats) -> bool:
+def _read_file(fold: Fold, item: InputFile, stats: InputStats, max_line_bytes: int = MAX_LINE_BYTES) -> bool:
     """Fold one file's records; False when the file itself could not be read."""
     add, reject = fold.add, fold.reject
     path = item.display
     read = True
-    for rec in read_records(item):
+    for rec in read_records(item, max_line_bytes):
         stats.records += 1
         if isinstance(rec, Problem):
             if rec.denied:
@@ -158,20 +161,22 @@ class _FileResult:
     read: bool
 
 
-_worker: tuple[Fold, str] | None = None  # (a template fold, scratch dir), set in each worker
+# (a template fold, scratch dir, line limit), set in each worker
+_worker: tuple[Fold, str, int] | None = None
 
 
 def _start_worker(schema: FoldSchema, identifier: str, regulations: frozenset[str], spill: int,
-                  scratch: str) -> None:  # fmt: skip
+                  scratch: str, max_line_bytes: int) -> None:  # fmt: skip
     global _worker
     # Ctrl-C reaches the whole process group: the parent stops the workers, they need not trace.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker = (Fold(schema, identifier, regulations, lambda *a: None, spill_threshold=spill), scratch)
+    template = Fold(schema, identifier, regulations, lambda *a: None, spill_threshold=spill)
+    _worker = (template, scratch, max_line_bytes)
 
 
 def _fold_one_file(index: int, item: InputFile) -> _FileResult:
     assert _worker is not None
-    template, scratch = _worker
+    template, scratch, max_line_bytes = _worker
     issues: list[tuple[str, str, int, str, Any]] = []
     fold = Fold(template.schema, template.identifier, template.regulations,
                 lambda *issue: issues.append(issue), spill_threshold=template.spill_threshold,
@@ -179,7 +184,7 @@ def _fold_one_file(index: int, item: InputFile) -> _FileResult:
     stats = InputStats()
     out = os.path.join(scratch, f"file-{index}.pickle")
     try:
-        read = _read_file(fold, item, stats)
+        read = _read_file(fold, item, stats, max_line_bytes)
         with open(out, "wb") as f:
             chunk: list[tuple[str, list[Any]]] = []
             for lead in fold.leads():
@@ -196,13 +201,13 @@ def _fold_one_file(index: int, item: InputFile) -> _FileResult:
 def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompletePartition], stats: InputStats,
                    unchanged: InputFilter | None, jobs: int,
                    on_start: Callable[[list[InputFile]], None] | None,
-                   check: Callable[[], None] | None) -> None:  # fmt: skip
+                   check: Callable[[], None] | None, max_line_bytes: int) -> None:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="didomi-read-", dir=fold.scratch_dir) as scratch:
         # fork: the workers start in milliseconds with everything imported (spawn re-imports).
         context = multiprocessing.get_context("fork")
         # Each worker's own fold spills sooner: the processes together stay near one fold's memory.
         spill = max(1, fold.spill_threshold // (jobs + 1))
-        args = (fold.schema, fold.identifier, fold.regulations, spill, scratch)
+        args = (fold.schema, fold.identifier, fold.regulations, spill, scratch, max_line_bytes)
         with context.Pool(jobs, initializer=_start_worker, initargs=args) as pool:
             if on_start is not None:
                 on_start([i for i in items if isinstance(i, InputFile)])

@@ -20,6 +20,7 @@ from typing import IO, Any
 import orjson
 
 from didomi_marketo.errors import ConfigError
+from didomi_marketo.marketo.redact import redact_bytes
 from didomi_marketo.outcomes import LeadOutcome
 
 IGNORED = ("anonymous", "pending", "other_regulation", "deleted")
@@ -52,8 +53,8 @@ class Report:
 
     def _write(self, name: str, obj: dict[str, Any]) -> None:
         f = self._files.get(name)
-        if f is not None:
-            f.write(orjson.dumps(obj) + b"\n")
+        if f is not None:  # whatever the source of a reason, no known secret reaches a file
+            f.write(redact_bytes(orjson.dumps(obj)) + b"\n")
 
     # -- input issues -------------------------------------------------------------------------
 
@@ -88,7 +89,7 @@ class Report:
     def finish(self, summary: dict[str, Any]) -> None:
         if self.directory is not None:
             tmp = self.directory / "summary.json.tmp"
-            tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+            tmp.write_bytes(redact_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2)))
             os.replace(tmp, self.directory / "summary.json")
         self.close()
 

@@ -28,6 +28,7 @@ import orjson
 
 from didomi_marketo.didomi.readers import InputFile
 from didomi_marketo.errors import ConfigError, FatalError, LockHeld
+from didomi_marketo.marketo.redact import redact
 from didomi_marketo.outcomes import LeadOutcome, payload_hash
 
 SCHEMA = """
@@ -154,7 +155,7 @@ class StateStore:
                         "INSERT INTO leads (key, pending, pending_reason, updated_at) VALUES (?, ?, ?, ?)"
                         " ON CONFLICT(key) DO UPDATE SET pending=excluded.pending,"
                         " pending_reason=excluded.pending_reason, updated_at=excluded.updated_at",
-                        (o.key, pending, f"{o.code}: {o.reason}", now),
+                        (o.key, pending, redact(f"{o.code}: {o.reason}"), now),
                     )
                 else:
                     db.execute(
@@ -163,7 +164,7 @@ class StateStore:
                         " pending_reason=NULL, skipped_hash=excluded.skipped_hash,"
                         " skipped_code=excluded.skipped_code, skipped_reason=excluded.skipped_reason,"
                         " updated_at=excluded.updated_at",
-                        (o.key, payload_hash(fields), o.code, o.reason, now),
+                        (o.key, payload_hash(fields), o.code, redact(o.reason), now),
                     )
             db.execute("COMMIT")
         except BaseException:
@@ -301,7 +302,7 @@ def file_fingerprint(path: Path) -> str:
 def input_unit(f: InputFile, whole_partition: bool = True) -> tuple[str, str] | None:
     """(unit, fingerprint) of an input: the partition for files inside one (when it is read
     whole), else the file. None for stdin."""
-    if f.display == "<stdin>":
+    if f.is_stream:
         return None
     if f.source is not None:  # cloud storage: identities from the listing (ETags), nothing read
         if f.partition and whole_partition and f.source.partition_fingerprint:
@@ -345,7 +346,8 @@ class StateLock:
     """An OS file lock next to the state (`STATE.lock`), holding the owner's pid and start time."""
 
     def __init__(self, state_path: str | Path):
-        self.path = Path(str(state_path) + ".lock")
+        # Keyed on the resolved path: the same state reached through a symlink is one state.
+        self.path = Path(str(Path(state_path).resolve()) + ".lock")
         self._fd: int | None = None
 
     def acquire(self, wait_seconds: float = 0.0) -> None:

@@ -21,11 +21,11 @@ from typing import IO, Any
 import orjson
 
 from didomi_marketo.check import BLOCKING_KINDS, schema_problems
-from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
+from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Config
 from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.deliver_bulk import BulkEngine
 from didomi_marketo.didomi.fold import FoldSchema
-from didomi_marketo.didomi.readers import ALL_DATES, DateWindow, InputFile
+from didomi_marketo.didomi.readers import ALL_DATES, MAX_LINE_BYTES, DateWindow, InputFile
 from didomi_marketo.errors import ConfigError, FatalError
 from didomi_marketo.inputs import InputFilter, InputStats, build_fold, default_jobs, read_into
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Token
@@ -50,7 +50,7 @@ class SyncOptions:
     dry_run: bool = False
     allow_incomplete: bool = False
     output: str | None = None  # dry run: every payload as NDJSON
-    rate_window: float = 20.0  # seconds of Marketo's rate window (compressed in the sandbox bench)
+    rate_window: float = RATE_WINDOW_SECONDS  # Marketo's rate window (compressed in the sandbox bench)
     daily_quota: int = DEFAULT_DAILY_QUOTA
     spill_threshold: int = 250_000
     state: str | None = None  # the state store (incremental syncs)
@@ -61,6 +61,7 @@ class SyncOptions:
     via: str = "auto"  # rest | bulk | auto: Sync Leads, bulk import, or bulk above bulk_threshold
     bulk_threshold: int = DEFAULT_BULK_THRESHOLD  # leads to send from which `auto` picks bulk
     jobs: int | None = None  # processes reading and folding; None: the cores available
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer input line is rejected, never held in memory
 
 
 @dataclass
@@ -130,7 +131,8 @@ def run_sync(
             read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window,
                       jobs=options.jobs or default_jobs(),
                       on_start=preflight.start if preflight else None,
-                      check=preflight.check if preflight else None)  # fmt: skip
+                      check=preflight.check if preflight else None,
+                      max_line_bytes=options.max_line_bytes)  # fmt: skip
             fold_ended = time.monotonic()
             if preflight is not None:
                 preflight.finish(store)  # raises what it found (bad credentials, missing fields)
@@ -524,8 +526,8 @@ async def _usage(client: MarketoClient) -> int | None:
 
 def _quota_warning(used: int | None, calls: int, quota: int) -> str | None:
     """A warning when this run would not fit in what is left of today's quota."""
-    if used is None:
-        return None
+    if used is None:  # the check is advice: an odd usage answer never stops the run
+        return "cannot read today's API usage from Marketo; the daily quota check is skipped"
     left = quota - used
     if calls > left:
         return (

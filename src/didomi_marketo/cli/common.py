@@ -13,7 +13,6 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,9 +23,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from didomi_marketo import __version__
-from didomi_marketo.config import Config, load_config
+from didomi_marketo.config import MAX_CONCURRENCY, RATE_CALLS, Config, load_config
 from didomi_marketo.didomi.readers import DateWindow
 from didomi_marketo.errors import ConfigError, DidomiMarketoError
+from didomi_marketo.marketo.redact import redact, redact_bytes
 from didomi_marketo.render import print_summary
 from didomi_marketo.report import SHOW_ISSUES, Report
 from didomi_marketo.sync import RunResult
@@ -78,10 +78,19 @@ BulkThresholdOpt = Annotated[
     int, typer.Option("--bulk-threshold", min=1, help="Leads to send from which --via auto uses bulk import.")
 ]
 MaxCallsPer20sOpt = Annotated[
-    int | None, typer.Option("--max-calls-per-20s", min=1, max=100, help="Share of the 100 calls/20 s limit.")
+    int | None,
+    typer.Option(
+        "--max-calls-per-20s", min=1, max=RATE_CALLS, help=f"Share of the {RATE_CALLS} calls/20 s limit."
+    ),
 ]
 MaxConcurrencyOpt = Annotated[
-    int | None, typer.Option("--max-concurrency", min=1, max=10, help="Share of the 10 concurrent calls.")
+    int | None,
+    typer.Option(
+        "--max-concurrency",
+        min=1,
+        max=MAX_CONCURRENCY,
+        help=f"Share of the {MAX_CONCURRENCY} concurrent calls.",
+    ),
 ]
 DailyQuotaOpt = Annotated[
     int, typer.Option("--daily-quota", min=1, help="Your subscription's daily call quota.")
@@ -114,6 +123,7 @@ _json_log: RunLog | None = None  # set by a command run with --log-format json
 
 def say(level: str, message: str) -> None:
     """One line on stderr: `error: ...`, or a JSON event under --log-format json."""
+    message = redact(message)  # whatever its source, no known secret reaches stderr
     if _json_log is not None:
         _json_log.event(level, message=message)
     else:
@@ -211,16 +221,7 @@ def finish(result: RunResult, quiet: bool) -> None:
 
 
 def with_delivery(cfg: Config, max_calls: int | None, per_20s: int | None, concurrency: int | None) -> Config:
-    changes: dict[str, int] = {}
-    if max_calls is not None:
-        changes["max_calls"] = max_calls
-    if per_20s is not None:
-        changes["max_calls_per_20s"] = per_20s
-    if concurrency is not None:
-        changes["max_concurrency"] = concurrency
-    if changes:
-        cfg.delivery = replace(cfg.delivery, **changes)
-    return cfg
+    return cfg.with_delivery(max_calls=max_calls, max_calls_per_20s=per_20s, max_concurrency=concurrency)
 
 
 def make_report(directory: Path | None, verbose: bool, log: RunLog | None = None) -> Report:
@@ -244,7 +245,7 @@ class RunLog:
     def event(self, name: str, **fields: Any) -> None:
         if not self.is_text:
             record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": name, **fields}
-            sys.stderr.write(orjson.dumps(record, default=str).decode() + "\n")
+            sys.stderr.write(redact_bytes(orjson.dumps(record, default=str)).decode() + "\n")
             sys.stderr.flush()
 
     def progress(self, bar: Callable[[str, int, int | None], None]) -> Callable[[str, int, int | None], None]:

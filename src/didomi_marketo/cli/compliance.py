@@ -27,6 +27,7 @@ from didomi_marketo.cli.common import (
     say,
     with_delivery,
 )
+from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.explain import explain as run_explain
 from didomi_marketo.reconcile import ReconcileOptions, parse_since, run_reconcile
@@ -56,10 +57,10 @@ def reconcile(
     max_calls: Annotated[
         int | None, typer.Option("--max-calls", min=1, help="Refuse to spend more Marketo calls than this.")
     ] = None,
-    daily_quota: DailyQuotaOpt = 50_000,
+    daily_quota: DailyQuotaOpt = DEFAULT_DAILY_QUOTA,
     max_calls_per_20s: MaxCallsPer20sOpt = None,
     max_concurrency: MaxConcurrencyOpt = None,
-    rate_window: RateWindowOpt = 20.0,
+    rate_window: RateWindowOpt = RATE_WINDOW_SECONDS,
     allow_incomplete: AllowIncompleteOpt = False,
     wait_lock: WaitLockOpt = 0.0,
     quiet: QuietOpt = False,

@@ -35,6 +35,13 @@ from didomi_marketo.cli.common import (
     run_log,
     with_delivery,
 )
+from didomi_marketo.config import (
+    DEFAULT_DAILY_QUOTA,
+    MAX_CONCURRENCY,
+    RATE_CALLS,
+    RATE_WINDOW_SECONDS,
+)
+from didomi_marketo.didomi.readers import MAX_LINE_BYTES
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.sync import DEFAULT_BULK_THRESHOLD, SyncOptions, run_retry, run_sync
 
@@ -64,8 +71,14 @@ def sync(
     ] = None,
     max_calls_per_20s: MaxCallsPer20sOpt = None,
     max_concurrency: MaxConcurrencyOpt = None,
-    daily_quota: DailyQuotaOpt = 50_000,
-    rate_window: RateWindowOpt = 20.0,
+    daily_quota: DailyQuotaOpt = DEFAULT_DAILY_QUOTA,
+    rate_window: RateWindowOpt = RATE_WINDOW_SECONDS,
+    max_line_bytes: Annotated[
+        int,
+        typer.Option(
+            "--max-line-bytes", min=1024, help="Reject an input line (or JSON document) longer than this."
+        ),
+    ] = MAX_LINE_BYTES,
     state: StateOpt = None,
     full: Annotated[
         bool, typer.Option("--full", help="Ignore the state for this run (send everything), then refresh it.")
@@ -99,6 +112,7 @@ def sync(
         state=state_path, full=full, wait_lock=wait_lock, check_schema=not skip_schema_check,
         window=date_window(since, until),
         via=via, bulk_threshold=bulk_threshold, jobs=jobs,
+        max_line_bytes=max_line_bytes,
     )  # fmt: skip
     rep = make_report(report, verbose, log)
     log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())
@@ -124,9 +138,13 @@ def retry(
     report: Annotated[Path | None, typer.Option("--report", help="Write the new report here.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be re-sent.")] = False,
     max_calls: Annotated[int | None, typer.Option("--max-calls", min=1)] = None,
-    max_calls_per_20s: Annotated[int | None, typer.Option("--max-calls-per-20s", min=1, max=100)] = None,
-    max_concurrency: Annotated[int | None, typer.Option("--max-concurrency", min=1, max=10)] = None,
-    rate_window: Annotated[float, typer.Option("--rate-window", min=0.1)] = 20.0,
+    max_calls_per_20s: Annotated[
+        int | None, typer.Option("--max-calls-per-20s", min=1, max=RATE_CALLS)
+    ] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option("--max-concurrency", min=1, max=MAX_CONCURRENCY)
+    ] = None,
+    rate_window: Annotated[float, typer.Option("--rate-window", min=0.1)] = RATE_WINDOW_SECONDS,
     state: StateOpt = None,
     wait_lock: WaitLockOpt = 0.0,
     via: ViaOpt = "auto",

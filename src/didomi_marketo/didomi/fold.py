@@ -32,6 +32,7 @@ NEVER = -math.inf
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 LEAD_ID = re.compile(r"[0-9]+\Z")
+MAX_LEAD_ID = 2**31 - 1  # Marketo lead ids are 32-bit signed integers
 
 
 @dataclass
@@ -84,19 +85,34 @@ def normalise_key(key: Any, identifier: str) -> tuple[str | None, str]:
             return None, "organization_user_id is not a lead id (positive integer)"
         # ASCII digits only: str.isdigit() also accepts "²" (int() then crashed) and "٣"
         # (silently read as lead 3).
-        if isinstance(key, int) or (isinstance(key, str) and LEAD_ID.match(key.strip())):
-            n = int(key)
-            if n > 0:
-                return str(n), ""
-        return None, f"organization_user_id {key!r} is not a lead id (positive integer)"
+        # Digits are counted before int(): Python refuses to convert over 4,300 of them.
+        if isinstance(key, str) and LEAD_ID.match(key.strip()):
+            digits = key.strip().lstrip("0")
+            n = int(digits or "0") if len(digits) <= 10 else MAX_LEAD_ID + 1
+        elif isinstance(key, int):
+            n = key
+        else:
+            return None, f"organization_user_id {_short(key)} is not a lead id (positive integer)"
+        if 0 < n <= MAX_LEAD_ID:
+            return str(n), ""
+        return None, (
+            f"organization_user_id {_short(key)} is not a lead id (a positive integer up to {MAX_LEAD_ID}, "
+            "Marketo's range)"
+        )
     if not isinstance(key, str):
-        return None, f"organization_user_id {key!r} is not an email address"
+        return None, f"organization_user_id {_short(key)} is not an email address"
     k = key.strip()
     if not k.isascii():
-        return None, f"organization_user_id {key!r} is not an ASCII email (Marketo requires ASCII)"
+        return None, f"organization_user_id {_short(key)} is not an ASCII email (Marketo requires ASCII)"
     if not EMAIL.match(k):
-        return None, f"organization_user_id {key!r} is not an email address"
+        return None, f"organization_user_id {_short(key)} is not an email address"
     return k.lower(), ""
+
+
+def _short(key: Any) -> str:
+    """repr of a key, cut: a 5,000-digit id must not become a 5,000-character message."""
+    text = repr(key)
+    return text if len(text) <= 40 else f"{text[:30]}...({len(text)} characters)"
 
 
 IssueSink = Callable[[str, str, int, str, Any], None]  # (category, path, line, reason, key)

@@ -4,14 +4,21 @@ The format is detected by content, never by file name: gzip by its magic bytes; 
 first non-blank line is a JSON value on its own; otherwise one JSON document (object or array).
 A line number is the NDJSON line, or the line where the record's `{` starts in a document
 (in the decompressed text for .gz files).
+
+Whatever arrives, memory stays bounded: a line (or a whole JSON document) longer than
+`max_line_bytes` is rejected at its line and skipped without being held in memory, a record
+nested deeper than MAX_DEPTH is rejected, and nothing that is not a regular file is opened
+unless it was named on the command line (a FIFO is then read as a stream, like stdin).
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
 import re
+import stat
 import sys
 import zlib
 from collections.abc import Iterator
@@ -24,6 +31,10 @@ import orjson
 GZIP_MAGIC = b"\x1f\x8b"
 PARTITION_DIR = re.compile(r"^date=\d{4}-\d{2}-\d{2}$")
 SUCCESS_MARKER = "_SUCCESS"
+# Far above any real Didomi record (a few KB), far below what would exhaust memory.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+# Didomi records nest about 8 levels; past this a record is refused before anything recurses.
+MAX_DEPTH = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +70,13 @@ class InputFile:
     partition: str | None = None
     walked: bool = False  # found by walking a folder (not named on the command line)
     source: Source | None = None  # not a local file: read through this
+    special: str | None = None  # "a FIFO", "a socket"...: not a regular file
+    fifo: bool = False  # a FIFO named on the command line: read once, as a stream
+
+    @property
+    def is_stream(self) -> bool:
+        """stdin or a named FIFO: read once, never fingerprinted or re-opened."""
+        return self.fifo or self.display == "<stdin>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,9 +145,16 @@ def discover(
             yield InputFile(Path("-"), "<stdin>")
             continue
         path = Path(raw)
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            yield Problem(raw, 0, _stat_problem(path, e), isinstance(e, PermissionError))
+            continue
+        if stat.S_ISDIR(mode):
             yield from _walk(path, allow_incomplete, window)
-        elif path.is_file():
+        elif stat.S_ISFIFO(mode):
+            yield InputFile(path, str(path), fifo=True)  # named on purpose: read it like stdin
+        elif stat.S_ISREG(mode):
             partition = _enclosing_partition(path)
             # A file named inside a partition is as partial as the partition: the _SUCCESS
             # rule applies to it too (before, only folder walks checked the marker).
@@ -138,7 +163,26 @@ def discover(
                 continue
             yield InputFile(path, str(path), str(partition) if partition else None)
         else:
-            yield Problem(raw, 0, "no such file or directory")
+            yield Problem(raw, 0, f"not a regular file ({_kind(mode)}); not read")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _stat_problem(path: Path, e: OSError) -> str:
+    """Say what is wrong with a path: a symlink loop or a dangling link is no "no such file"."""
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop (too many levels of symbolic links)"
+    if e.errno == errno.ENOENT and path.is_symlink():
+        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    if e.errno == errno.ENOENT:
+        return "no such file or directory"
+    return f"cannot read: {e.strerror or e}"
 
 
 def _enclosing_partition(path: Path) -> Path | None:
@@ -183,7 +227,16 @@ def _walk(
                 continue
             if partition is not None and not name.endswith(".json.gz"):
                 continue
-            yield InputFile(here / name, str(here / name), str(partition) if partition else None, True)
+            path = here / name
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as err:
+                yield Problem(str(path), 0, _stat_problem(path, err), isinstance(err, PermissionError))
+                continue
+            # A FIFO, socket or device in a folder would block open() forever (holding the state
+            # lock) or stream without end: never opened, counted as skipped.
+            special = None if stat.S_ISREG(mode) else _kind(mode)
+            yield InputFile(path, str(path), str(partition) if partition else None, True, special=special)
     for e in unreadable:
         yield _unreadable_folder(e, str(root))
 
@@ -198,25 +251,56 @@ def _unreadable_folder(e: OSError, where: str) -> Problem:
 
 
 def open_binary(f: InputFile, head_only: bool = False) -> IO[bytes]:
-    """Open a file (or stdin), transparently gunzipping when the content is gzip.
-    `head_only`: only its first bytes will be read (a remote file then fetches a small range)."""
+    """Open a file, stdin, a FIFO or a remote file, transparently gunzipping gzip content.
+    `head_only`: only its first bytes will be read (a remote file then fetches a small range).
+    Streams are never read whole: their first bytes are read and put back in front."""
     if f.display == "<stdin>":
-        data = sys.stdin.buffer.read()
-        if data[:2] == GZIP_MAGIC:
-            data = gzip.decompress(data)
-        return io.BytesIO(data)
-    if f.source is not None:
-        raw: IO[bytes] = f.source.open(head_only)
+        raw: IO[bytes] = sys.stdin.buffer
+    elif f.source is not None:
+        raw = f.source.open(head_only)
     else:
         raw = open(f.path, "rb")  # noqa: SIM115 - returned to the caller, closed there
-    head = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
+    if isinstance(raw, io.BufferedReader) and not f.is_stream:
+        head = raw.peek(2)[:2]
+    else:
+        head = b""
+        while len(head) < 2 and (chunk := raw.read(2 - len(head))):
+            head += chunk
+        raw = io.BufferedReader(_Chain(head, raw))  # type: ignore[arg-type]
     if head == GZIP_MAGIC:
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     return raw
 
 
+class _Chain(io.RawIOBase):
+    """Bytes already read, then the rest of a stream: a pipe cannot be rewound."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        data = self.rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self.rest is not sys.stdin.buffer:
+            self.rest.close()
+        super().close()
+
+
 def sniff_json(f: InputFile) -> bool:
     """Whether a file found in a folder looks like JSON (or gzip): skip READMEs and the like."""
+    if f.special is not None:
+        return False  # never opened: see _walk
     try:
         with open_binary(f, head_only=True) as fh:
             head = fh.read(512).lstrip()
@@ -225,18 +309,22 @@ def sniff_json(f: InputFile) -> bool:
     return not head or head[:1] in (b"{", b"[")
 
 
-def read_records(f: InputFile) -> Iterator[tuple[Any, int] | Problem]:
+def read_records(f: InputFile, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[Any, int] | Problem]:
     """Yield (parsed JSON value, line) for each top-level value, or a Problem per bad line."""
+    if f.special is not None:
+        yield Problem(f.display, 0, f"not a regular file ({f.special}); not read")
+        return
     try:
         fh = open_binary(f)
     except OSError as e:
-        yield Problem(f.display, 0, f"cannot read: {e.strerror or e}", isinstance(e, PermissionError))
+        reason = _stat_problem(f.path, e) if e.errno == errno.ELOOP else f"cannot read: {e.strerror or e}"
+        yield Problem(f.display, 0, reason, isinstance(e, PermissionError))
         return
     except (EOFError, zlib.error) as e:  # stdin: a truncated or corrupt gzip
         yield Problem(f.display, 0, f"cannot read: corrupt or truncated gzip ({e})")
         return
     try:
-        yield from _records(fh, f.display)
+        yield from _records(fh, f.display, max_line_bytes)
     except (EOFError, zlib.error) as e:  # BadGzipFile is an OSError; zlib.error is not
         yield Problem(f.display, 0, f"cannot read: corrupt or truncated gzip ({e})")
     except (OSError, UnicodeDecodeError) as e:
@@ -245,11 +333,32 @@ def read_records(f: InputFile) -> Iterator[tuple[Any, int] | Problem]:
         fh.close()
 
 
-def _records(fh: IO[bytes], display: str) -> Iterator[tuple[Any, int] | Problem]:
+def _lines(fh: IO[bytes], limit: int) -> Iterator[bytes | None]:
+    """The lines of `fh`, each at most `limit` bytes; a longer one comes out as None (its bytes
+    are skipped, never held)."""
+    readline = fh.readline
+    while line := readline(limit + 1):
+        if len(line) > limit and line[-1:] != b"\n":
+            while (rest := readline(1 << 20)) and rest[-1:] != b"\n":
+                pass  # skip to the end of the line, 1 MB at a time
+            yield None
+        else:
+            yield line
+
+
+def _too_long(display: str, line: int, limit: int) -> Problem:
+    return Problem(display, line, f"line longer than {limit:,} bytes (--max-line-bytes); skipped")
+
+
+def _records(fh: IO[bytes], display: str, limit: int) -> Iterator[tuple[Any, int] | Problem]:
+    lines = _lines(fh, limit)
     lineno = 0
     first: bytes | None = None
-    for line in fh:
+    for line in lines:
         lineno += 1
+        if line is None:
+            yield _too_long(display, lineno, limit)
+            continue
         if line.strip():
             first = line
             break
@@ -260,27 +369,94 @@ def _records(fh: IO[bytes], display: str) -> Iterator[tuple[Any, int] | Problem]
         value = orjson.loads(first)
     except orjson.JSONDecodeError:
         value = _NOT_JSON
-    if value is _NOT_JSON:
-        # Not NDJSON at its first line: a whole (pretty-printed) document, or NDJSON whose first
-        # line is broken. Try the document; fall back to line by line.
-        rest = fh.read()
-        text = first + rest
-        try:
-            doc = orjson.loads(text)
-        except orjson.JSONDecodeError as e:
-            if _other_lines_parse(text):
-                yield from _ndjson(io.BytesIO(text), display, first_line - 1)
-            else:
-                bad_line = first_line + text.count(b"\n", 0, max(0, e.pos))
-                yield Problem(display, bad_line, f"invalid JSON: {e.msg}")
-            return
-        yield from _document(doc, text, first_line, display)
+    if value is not _NOT_JSON:
+        yield _checked(value, first, display, first_line)
+        yield from _ndjson(lines, display, lineno, limit)
         return
-    yield value, first_line
-    yield from _ndjson(fh, display, lineno)
+    # Not NDJSON at its first line: a (pretty-printed) document, or NDJSON whose first line is
+    # broken. The next line tells which without reading the file whole: in NDJSON it is a
+    # record of its own; in a document it is a fragment (`"key": {`).
+    second: bytes | None = None
+    for line in lines:
+        lineno += 1
+        if line is None:
+            yield Problem(display, first_line, f"invalid JSON: {_json_error(first)}")
+            yield _too_long(display, lineno, limit)
+            yield from _ndjson(lines, display, lineno, limit)
+            return
+        if line.strip():
+            second = line
+            break
+    if second is not None and first.strip() not in (b"[", b"{") and _is_record(second):
+        yield Problem(display, first_line, f"invalid JSON: {_json_error(first)}")
+        yield from _ndjson(iter((second,)), display, lineno - 1, limit)
+        yield from _ndjson(lines, display, lineno, limit)
+        return
+    # A document: read whole, but never more than the limit.
+    head = first + b"\n" * (lineno - first_line - (second is not None)) + (second or b"")
+    rest = fh.read(max(0, limit - len(head)) + 1)
+    text = head + rest
+    if len(text) > limit:
+        yield Problem(display, first_line, f"JSON document longer than {limit:,} bytes (--max-line-bytes); "
+                      "not read (NDJSON, one record a line, has no such limit)")  # fmt: skip
+        return
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        if _other_lines_parse(text):
+            yield from _ndjson(_lines(io.BytesIO(text), limit), display, first_line - 1, limit)
+        else:
+            bad_line = first_line + text.count(b"\n", 0, max(0, e.pos))
+            yield Problem(display, bad_line, f"invalid JSON: {_reason(e)}")
+        return
+    if _too_deep(doc):
+        yield Problem(display, first_line, _DEEP)
+        return
+    yield from _document(doc, text, first_line, display)
 
 
 _NOT_JSON = object()
+_DEEP = f"nested too deeply (over {MAX_DEPTH} levels); not read"
+
+
+def _json_error(line: bytes) -> str:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError as e:
+        return _reason(e)
+    return "not a JSON value"
+
+
+def _reason(e: orjson.JSONDecodeError) -> str:
+    return _DEEP if "depth" in e.msg else e.msg
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(line), dict | list)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _checked(value: Any, line: bytes, display: str, lineno: int) -> tuple[Any, int] | Problem:
+    # Counting brackets is C-speed; only a line with that many can be that deep.
+    if line.count(b"{") + line.count(b"[") > MAX_DEPTH and _too_deep(value):
+        return Problem(display, lineno, _DEEP)
+    return value, lineno
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether `value` nests deeper than MAX_DEPTH (iterative: it must not recurse itself)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(v, dict):
+            stack.extend((c, depth + 1) for c in v.values() if isinstance(c, dict | list))
+        elif isinstance(v, list):
+            stack.extend((c, depth + 1) for c in v if isinstance(c, dict | list))
+    return False
 
 
 def _other_lines_parse(text: bytes) -> bool:
@@ -295,15 +471,26 @@ def _other_lines_parse(text: bytes) -> bool:
     return False
 
 
-def _ndjson(fh: IO[bytes], display: str, lineno: int) -> Iterator[tuple[Any, int] | Problem]:
+def _ndjson(
+    lines: Iterator[bytes | None], display: str, lineno: int, limit: int
+) -> Iterator[tuple[Any, int] | Problem]:
     loads = orjson.loads
-    for line in fh:
+    depth_check = MAX_DEPTH
+    for line in lines:
         lineno += 1
+        if line is None:
+            yield _too_long(display, lineno, limit)
+            continue
         try:
-            yield loads(line), lineno
+            value = loads(line)
         except orjson.JSONDecodeError as e:
             if line.strip():
-                yield Problem(display, lineno, f"invalid JSON: {e.msg}")
+                yield Problem(display, lineno, f"invalid JSON: {_reason(e)}")
+            continue
+        if line.count(b"{") + line.count(b"[") > depth_check and _too_deep(value):
+            yield Problem(display, lineno, _DEEP)
+            continue
+        yield value, lineno
 
 
 # Tokens that matter for finding where each object starts: strings (skipped whole), `{`, newlines.

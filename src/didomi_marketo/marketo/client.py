@@ -1,13 +1,22 @@
 """Marketo REST client: token handling, one call, and the retry policy around it.
 
-The access token travels only in the `Authorization: Bearer` header. No message raised from
-here contains a URL with a query string, a token or the client secret.
+The access token travels only in the `Authorization: Bearer` header. The client secret travels
+in the identity URL's query string, the only place Adobe documents for it (its OpenAPI spec lists
+`client_id`, `client_secret`, `grant_type` as query parameters of both GET and POST
+/identity/oauth/token), so that URL is never put in a message. No message raised from here
+contains a URL, a token or the client secret, and Marketo's answers are redacted before they are
+read (a server may echo the request in an error message).
+
+Every call has a total deadline (`timeout`, connect to last byte: a server dripping a byte a
+second cannot hold it open), and an answer may not inflate past MAX_RESPONSE_BYTES.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import ssl
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +31,7 @@ from didomi_marketo.errors import AuthError
 from didomi_marketo.marketo.codes import (
     NETWORK,
     TIMEOUT,
+    TOO_LARGE,
     UNKNOWN_ERROR,
     UNREADABLE,
     Action,
@@ -30,9 +40,13 @@ from didomi_marketo.marketo.codes import (
 )
 from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock, RealClock, Stopped
+from didomi_marketo.marketo.redact import redact_bytes, register
 
 T = TypeVar("T")
 TOKEN_PATH = "/identity/oauth/token"
+DEFAULT_TIMEOUT = 120.0  # seconds a call may take, connect to last byte
+# Marketo's largest answers (describe, 300 results) are well under 1 MB; a bigger one is broken.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 
 class CallFailed(Exception):
@@ -70,13 +84,15 @@ class MarketoClient:
         self,
         credentials: Credentials,
         *,
-        timeout: float = 120.0,
+        timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = 10,
         clock: Clock | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
         self.credentials = credentials
         self.clock = clock or RealClock()
+        self.deadline = timeout
+        register(str(credentials.client_secret))
         self._http = httpx.AsyncClient(
             base_url=credentials.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
@@ -137,10 +153,8 @@ class MarketoClient:
             "client_secret": str(creds.client_secret),
         }
         for attempt in range(3):
-            try:
-                resp = await self._http.get(TOKEN_PATH, params=params)
-            except httpx.HTTPError as e:
-                raise CallFailed(NETWORK, f"{TOKEN_PATH}: {_transport_reason(e)}") from None
+            # Not redacted: this answer is where the token comes from (an old one may come again).
+            resp = await self._exchange("GET", TOKEN_PATH, redact=False, params=params)
             if resp.status_code == 401:
                 raise AuthError(
                     f"Marketo refused the client credentials (HTTP 401 at {TOKEN_PATH}); "
@@ -152,8 +166,11 @@ class MarketoClient:
                 body = orjson.loads(resp.content)
                 value = body["access_token"]
                 expires_in = float(body.get("expires_in", 0))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                if not isinstance(value, str) or not value:
+                    raise TypeError
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 raise CallFailed(UNREADABLE, f"{TOKEN_PATH} answered an unreadable body") from None
+            register(value)
             if expires_in >= 1:
                 # Renew a little before Marketo would expire it: 10% of its life, at most 60 s.
                 margin = min(60.0, expires_in * 0.1)
@@ -201,7 +218,7 @@ class MarketoClient:
     async def fetch_file(self, path: str) -> bytes:
         """GET a file Marketo serves as text (bulk failures/warnings CSVs); an error comes as JSON."""
         resp, token = await self._request("GET", path)
-        if resp.headers.get("Content-Type", "").lower().startswith("text/"):
+        if resp.content_type.lower().startswith("text/"):
             return resp.content
         if not resp.content.strip():
             return b""
@@ -210,17 +227,12 @@ class MarketoClient:
 
     async def _request(
         self, method: str, path: str, *, headers: dict[str, str] | None = None, **request: Any
-    ) -> tuple[httpx.Response, str]:
+    ) -> tuple[_Reply, str]:
         """Send with a valid token; transport failures and non-200 statuses become CallFailed."""
         token = await self.token()
         headers = {**(headers or {}), "Authorization": f"Bearer {token}"}
         self.recent_calls.append(self.clock.now())
-        try:
-            resp = await self._http.request(method, path, headers=headers, **request)
-        except httpx.TimeoutException as e:
-            raise CallFailed(TIMEOUT, f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
-        except httpx.HTTPError as e:
-            raise CallFailed(NETWORK, f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
+        resp = await self._exchange(method, path, headers=headers, **request)
         if resp.status_code != 200:
             raise CallFailed(
                 f"http:{resp.status_code}",
@@ -229,7 +241,25 @@ class MarketoClient:
             )
         return resp, token
 
-    def _answer(self, resp: httpx.Response, path: str, token: str) -> dict[str, Any]:
+    async def _exchange(self, method: str, path: str, *, redact: bool = True, **request: Any) -> _Reply:
+        """One HTTP exchange within the call's total deadline, its answer capped and redacted.
+        Transport failures become CallFailed (without the URL: it may carry the secret)."""
+        try:
+            async with asyncio.timeout(self.deadline):
+                async with self._http.stream(method, path, **request) as resp:
+                    content = await _read_capped(resp, path)
+                    content = redact_bytes(content) if redact else content
+                    return _Reply(resp.status_code, resp.headers.get("Content-Type", ""), content)
+        except TimeoutError:
+            raise CallFailed(
+                TIMEOUT, f"{path}: no complete answer within {self.deadline:g} s", maybe_applied=True
+            ) from None
+        except httpx.TimeoutException as e:
+            raise CallFailed(TIMEOUT, f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
+        except httpx.HTTPError as e:
+            raise CallFailed(NETWORK, f"{path}: {_transport_reason(e)}", maybe_applied=True) from None
+
+    def _answer(self, resp: _Reply, path: str, token: str) -> dict[str, Any]:
         try:
             body = orjson.loads(resp.content)
         except orjson.JSONDecodeError:
@@ -251,15 +281,79 @@ class MarketoClient:
             raise failure
         return body
 
-    async def usage_today(self) -> int | None:
+    async def usage_today(self) -> int:
+        """Calls spent today. Raises CallFailed, also for an answer of an unexpected shape."""
         body = await self.call("GET", "/rest/v1/stats/usage.json")
         result = body.get("result") or []
-        return int(result[0].get("total", 0)) if result else 0
+        try:
+            total = result[0].get("total", 0) if result else 0
+            if isinstance(total, bool) or not isinstance(total, int | float):
+                raise TypeError
+            return int(total)
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError):
+            raise CallFailed(UNREADABLE, "/rest/v1/stats/usage.json answered an unexpected body") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status_code: int
+    content_type: str
+    content: bytes
+
+
+async def _read_capped(resp: httpx.Response, path: str) -> bytes:
+    """The body, inflated by us (not httpx) so that a compressed bomb stops at the cap."""
+    if resp.is_stream_consumed:  # built in memory (a mock transport): nothing left to stream
+        return resp.content
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        inflater: Any = zlib.decompressobj(wbits=47)  # gzip or zlib, by its header
+    elif encoding in ("identity", ""):
+        inflater = None
+    else:
+        raise CallFailed(UNREADABLE, f"{path} answered in an unsupported encoding", maybe_applied=True)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for raw in resp.aiter_raw():
+            data = raw
+            while data:
+                if inflater is None:
+                    piece, data = data, b""
+                else:  # never inflate more than the cap allows, whatever one chunk holds
+                    piece = inflater.decompress(data, MAX_RESPONSE_BYTES - size + 1)
+                    data = inflater.unconsumed_tail
+                size += len(piece)
+                if size > MAX_RESPONSE_BYTES:
+                    raise CallFailed(
+                        TOO_LARGE,
+                        f"{path} answered over {MAX_RESPONSE_BYTES // 2**20} MB; not read",
+                        maybe_applied=True,
+                    )
+                chunks.append(piece)
+        if inflater is not None:
+            chunks.append(inflater.flush())
+    except zlib.error:
+        raise CallFailed(
+            UNREADABLE, f"{path} answered a corrupt compressed body", maybe_applied=True
+        ) from None
+    return b"".join(chunks)
 
 
 def _transport_reason(e: httpx.HTTPError) -> str:
     """The kind of transport failure, without the URL (it may carry credentials)."""
     name = type(e).__name__
+    cause: BaseException | None = e
+    while cause is not None:  # a TLS failure is no "cannot connect": say which
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = cause.verify_message or "untrusted certificate"
+            return (
+                f"TLS certificate verification failed: {why} (a proxy intercepting TLS? "
+                "point SSL_CERT_FILE at its CA)"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake failed: {cause.reason or type(cause).__name__}"
+        cause = cause.__cause__ or cause.__context__
     detail = {
         "ConnectError": "cannot connect",
         "ConnectTimeout": "connection timed out",

@@ -31,6 +31,8 @@ INTERNAL = "internal"
 BULK_JOB_FAILED = "bulk_job_failed"
 BULK_UNMATCHED = "bulk_unmatched"
 BULK_ROW_FAILED = "bulk_failed"
+SMALL_BODY_REFUSED = "proxy_413"
+TOO_LARGE = "too_large"
 
 # Request-level codes (HTTP status, `errors[].code` with success:false, or the client's own kind).
 REQUEST_CODES: dict[str, tuple[Action, str]] = {
@@ -78,6 +80,11 @@ REQUEST_CODES: dict[str, tuple[Action, str]] = {
         Action.RETRY,
         "a failures/warnings row named no lead: the job's unnamed leads stay retryable",
     ),
+    SMALL_BODY_REFUSED: (
+        Action.RETRY,
+        "HTTP 413 for a body under Marketo's 1 MB: a proxy's limit, not the batch's; resent later",
+    ),
+    TOO_LARGE: (Action.RETRY, "an answer that inflates past the cap: a broken server or proxy"),
 }
 
 # Lead-level codes in `result[i].reasons[]`: never retried within the run (the same payload
