@@ -135,7 +135,7 @@ def test_persistent_outage_gives_up_after_five_minutes_then_retry_finishes(sandb
     assert sb.lead_by_email("u0@example.com").get("didomiNewsletterOptIn") is None
 
     sb.clear_faults()
-    res = cli("retry", rep, "-c", tmp_path / "config.json", "--report", tmp_path / "r2", "-q")
+    res = cli("retry", rep, "-c", tmp_path / "config.json", "--report", tmp_path / "r2", "--force", "-q")
     assert res.exit_code == 0, res.output
     assert_all_right(sb, 50)
     assert json.loads((tmp_path / "r2" / "summary.json").read_text())["delivery"]["updated"] == 50
@@ -156,7 +156,7 @@ def test_daily_quota_stops_at_once_and_retry_finishes_after_reset(sandbox_factor
 
     sb.config.daily_quota = 1000  # a new day (and a bigger subscription)
     httpx.post(sb.base_url + "/_sandbox/reset-quota")
-    res = cli("retry", tmp_path / "r", "-c", config, "--report", tmp_path / "r2", "-q")
+    res = cli("retry", tmp_path / "r", "-c", config, "--report", tmp_path / "r2", "--force", "-q")
     assert res.exit_code == 0, res.output
     assert_all_right(sb, 100)
 

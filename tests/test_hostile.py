@@ -3,6 +3,7 @@ against the sandbox, or against a small misbehaving server started here on 127.0
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.server
 import json
@@ -582,3 +583,177 @@ def test_16_the_same_state_through_a_symlink_is_locked_too(sandbox, tmp_path, cl
         lock.release()
     assert res.exit_code == 4 and "another run holds the state lock" in res.stderr
     assert sandbox.stats()["sync_calls"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A full disk loses nothing
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[None]:
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        pytest.skip("mounting a tmpfs needs root (the injected-error tests below cover the same paths)")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def durable(cli: Any, state: Path) -> int:
+    """Leads with a durable outcome in the state: confirmed by Marketo, or pending a resend."""
+    leads = [json.loads(x) for x in cli("state", "export", "--state", state).stdout.splitlines()]
+    return sum(1 for lead in leads if lead["confirmed"] or lead["pending"])
+
+
+def all_delivered(sb: Any, n: int) -> bool:
+    return all(
+        (sb.lead_by_email(f"u{i}@example.com") or {}).get("didomiNewsletterOptIn") is True for i in range(n)
+    )
+
+
+N_FULL = 2000
+
+
+def test_1_a_full_report_volume_loses_no_lead(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=leads_json(tmp_path, N_FULL))
+    events(tmp_path, N_FULL)
+    config = make_config(tmp_path, sb, delivery={"batch_size": 100, "max_concurrency": 2})
+    state, rep = tmp_path / "state.db", tmp_path / "rep"
+    with tmpfs(rep, "48k"):
+        res = cli("sync", tmp_path / "in", "-c", config, "--state", state, "--report", rep, "-q")
+        assert res.exit_code == 3 and "No space left on device" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+    assert durable(cli, state) == N_FULL  # every lead has a durable outcome
+    res = cli("sync", tmp_path / "in", "-c", config, "--state", state, "-q")  # the next cron run
+    assert res.exit_code == 0, res.stderr
+    assert all_delivered(sb, N_FULL)
+
+
+def test_1_a_full_state_volume_loses_no_lead(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=leads_json(tmp_path, N_FULL))
+    events(tmp_path, N_FULL)
+    config = make_config(tmp_path, sb, delivery={"batch_size": 100, "max_concurrency": 2})
+    vol = tmp_path / "vol"
+    state = vol / "state.db"
+    with tmpfs(vol, "1m"):
+        first = write_ndjson(tmp_path / "first.ndjson", [event("u0@example.com", "2026-10-01T00:00:00Z",
+                                                               {"newsletter": True})])  # fmt: skip
+        assert cli("sync", first, "-c", config, "--state", state, "-q").exit_code == 0
+        filler = vol / "filler"
+        with open(filler, "wb") as f:  # leave about 100 KB: the state fills mid-run
+            free = os.statvfs(vol).f_bavail * os.statvfs(vol).f_frsize
+            f.write(b"\0" * max(0, free - 100 * 1024))
+        res = cli("sync", tmp_path / "in", "-c", config, "--state", state, "--report", tmp_path / "r", "-q")
+        assert res.exit_code == 3, res.stderr
+        assert "full" in res.stderr and "cannot rollback" not in res.stderr and "Traceback" not in res.stderr
+        filler.unlink()
+        res = cli("sync", tmp_path / "in", "-c", config, "--state", state, "-q")  # space again: rerun
+        assert res.exit_code == 0, res.stderr
+    assert all_delivered(sb, N_FULL)
+
+
+class _Failing:
+    """Make `batch_done` of a sink class fail from its `after`-th batch on, like a disk that fills."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: type, after: int, error: Exception):
+        self.calls = 0
+        original = cls.batch_done
+
+        def batch_done(sink: Any, outcomes: Any) -> None:
+            self.calls += 1
+            if self.calls > after:
+                raise error
+            original(sink, outcomes)
+
+        monkeypatch.setattr(cls, "batch_done", batch_done)
+
+
+def test_1_injected_full_disk_in_the_state_or_the_report_loses_no_lead(
+    sandbox_factory, tmp_path, cli, monkeypatch
+):
+    from didomi_marketo.report import Report
+    from didomi_marketo.state import StateStore
+
+    sb = sandbox_factory(leads_file=leads_json(tmp_path, 600))
+    events(tmp_path, 600)
+    config = make_config(tmp_path, sb, delivery={"batch_size": 50, "max_concurrency": 1})
+    state = tmp_path / "state.db"
+    with monkeypatch.context() as m:
+        _Failing(m, Report, 3, OSError(28, "No space left on device"))
+        res = cli("sync", tmp_path / "in", "-c", config, "--state", state, "--report", tmp_path / "r", "-q")
+    assert res.exit_code == 3 and "No space left on device" in res.stderr
+    assert durable(cli, state) == 600  # the report failed, the state has every outcome
+    with monkeypatch.context() as m:
+        _Failing(m, StateStore, 2, sqlite3.OperationalError("database or disk is full"))
+        events(tmp_path, 600, "in/later.ndjson")  # a new input, half of it never recorded
+        res = cli("sync", tmp_path / "in", "-c", config, "--state", state, "--full", "-q")
+    assert res.exit_code == 3 and "database or disk is full" in res.stderr
+    counts = json.loads(cli("state", "show", "--state", state).stdout)
+    assert counts["inputs"] == 1  # the run whose outcomes were lost recorded no input as synced
+    res = cli("sync", tmp_path / "in", "-c", config, "--state", state, "-q")
+    assert res.exit_code == 0, res.stderr
+    assert all_delivered(sb, 600)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. retry without a state
+
+
+def test_2_retry_without_a_state_refuses_instead_of_rolling_consent_back(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(leads_file=leads_json(tmp_path, 1))
+    config = make_config(tmp_path, sb, **QUICK)
+    state = tmp_path / "state.db"
+    yes = write_ndjson(
+        tmp_path / "yes.ndjson", [event("u0@example.com", "2026-11-01T00:00:00Z", {"newsletter": True})]
+    )
+    no = write_ndjson(
+        tmp_path / "no.ndjson", [event("u0@example.com", "2026-11-02T00:00:00Z", {"newsletter": False})]
+    )
+    sb.inject("http:503", times=2)  # the opt-in fails retryably...
+    assert cli("sync", yes, "-c", config, "--state", state, "--report", tmp_path / "r1", "-q").exit_code == 1
+    assert cli("sync", no, "-c", config, "--state", state, "-q").exit_code == 0  # ...the revocation lands
+    calls = sb.stats()["sync_calls"]
+    res = cli("retry", tmp_path / "r1", "-c", config, "-q")
+    assert res.exit_code == 2 and "--state" in res.stderr and "--force" in res.stderr
+    assert (
+        sb.stats()["sync_calls"] == calls
+        and sb.lead_by_email("u0@example.com")["didomiNewsletterOptIn"] is False
+    )
+    res = cli("retry", tmp_path / "r1", "-c", config, "--state", state, "-q")
+    assert res.exit_code == 0 and sb.lead_by_email("u0@example.com")["didomiNewsletterOptIn"] is False
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    examples = [line for line in readme.splitlines() if "didomi-marketo retry " in line]
+    assert examples and all("--state" in line for line in examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# 17. A run that fails before delivery still writes its summary
+
+
+def test_17_a_run_failing_before_delivery_writes_summary_json_with_the_reason(sandbox, tmp_path, cli):
+    data = events(tmp_path, 1)
+    config = make_config(tmp_path, sandbox)
+    cfg = json.loads(config.read_text())
+    cfg["authentication"]["client_secret"] = "wrong-secret"
+    config.write_text(json.dumps(cfg))
+    res = cli("sync", data, "-c", config, "--report", tmp_path / "r", "-q")
+    assert res.exit_code == 3
+    s = summary(tmp_path / "r")
+    assert s["exit_code"] == 3 and "refused the client credentials" in s["error"] and s["mode"] == "sync"
+    lock = StateLock(tmp_path / "s.db")
+    lock.acquire()
+    try:
+        res = cli("sync", data, "-c", make_config(tmp_path, sandbox), "--state", tmp_path / "s.db",
+                  "--report", tmp_path / "r2", "-q")  # fmt: skip
+    finally:
+        lock.release()
+    assert res.exit_code == 4 and summary(tmp_path / "r2")["exit_code"] == 4
+    assert "state lock" in summary(tmp_path / "r2")["error"]

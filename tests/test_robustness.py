@@ -130,7 +130,7 @@ def test_retry_skips_a_partial_last_line(sandbox_factory, tmp_path, cli):
     lines = [json.dumps({"key": f"u{i}@example.com", "payload": {"email": f"u{i}@example.com",
              "didomiNewsletterOptIn": True}, "retryable": True, "stamps": {}}) for i in range(2)]  # fmt: skip
     (rep / "undelivered.ndjson").write_text("\n".join(lines) + '\n{"key": "u2@exam')
-    res = cli("retry", rep, "-c", make_config(tmp_path, sb), "-q")
+    res = cli("retry", rep, "-c", make_config(tmp_path, sb), "--force", "-q")
     assert res.exit_code == 0
     assert "undelivered.ndjson:3" in res.stderr and "skipped" in res.stderr
     assert sb.lead_by_email("u1@example.com")["didomiNewsletterOptIn"] is True

@@ -12,6 +12,7 @@ usable partial report). Together they answer "what happened to user X" with one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,10 +94,23 @@ class Report:
             os.replace(tmp, self.directory / "summary.json")
         self.close()
 
+    def fail(self, summary: dict[str, Any]) -> None:
+        """A run that failed before its end still leaves summary.json with the reason. Best
+        effort: the disk may be what failed, and the run's own error is the one to report."""
+        with contextlib.suppress(OSError):
+            self.finish(summary)
+
     def close(self) -> None:
+        """Close every file, even when one cannot be flushed (a full disk); raise the first error."""
+        first: OSError | None = None
         for f in self._files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError as e:
+                first = first or e
         self._files.clear()
+        if first is not None:
+            raise first
 
     @property
     def unshown(self) -> int:

@@ -13,6 +13,7 @@ Per lead key:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -80,6 +81,7 @@ class StateStore:
 
     def __init__(self, path: str | Path, *, readonly: bool = False):
         self.path = Path(path)
+        self.unrecorded = 0  # outcomes the run could not write here (a full disk): not durable
         if readonly and not self.path.is_file():
             raise FatalError(f"{self.path}: no such state file")
         try:
@@ -168,7 +170,11 @@ class StateStore:
                     )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does): a second ROLLBACK would
+            # raise "no transaction is active" and hide the real error (ENOSPC).
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise
 
     # -- bulk import jobs (deliver_bulk.JobJournal) ---------------------------------------------

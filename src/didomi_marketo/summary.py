@@ -8,6 +8,7 @@ from typing import Any
 
 from didomi_marketo.deliver import DeliveryStats
 from didomi_marketo.didomi.fold import FoldStats, format_timestamp
+from didomi_marketo.errors import ConfigError, DidomiMarketoError
 from didomi_marketo.inputs import InputStats
 from didomi_marketo.plan import PlanStats
 
@@ -155,3 +156,24 @@ def delivery_json(d: DeliveryStats) -> dict[str, Any]:
             "jobs_failed": b.jobs_failed,
         }
     return out
+
+
+def failed_run(
+    mode: str, started: float, finished: float, config: dict[str, Any], error: BaseException
+) -> dict[str, Any]:
+    """summary.json of a run that stopped before its end (bad credentials, a refused schema, the
+    state locked, a full disk): when, with what, and why, with the exit code the CLI gives it."""
+    if isinstance(error, ConfigError):
+        reason = "; ".join(error.problems)
+    elif isinstance(error, OSError) and error.strerror:
+        reason = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        reason = str(error)
+    return {
+        "mode": mode,
+        "started_at": _iso(started),
+        "finished_at": _iso(finished),
+        "config": config,
+        "error": reason,
+        "exit_code": error.exit_code if isinstance(error, DidomiMarketoError) else 3,
+    }

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, cast
 
 import orjson
 
@@ -26,7 +28,7 @@ from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.deliver_bulk import BulkEngine
 from didomi_marketo.didomi.fold import FoldSchema
 from didomi_marketo.didomi.readers import ALL_DATES, MAX_LINE_BYTES, DateWindow, InputFile
-from didomi_marketo.errors import ConfigError, FatalError
+from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
 from didomi_marketo.inputs import InputFilter, InputStats, build_fold, default_jobs, read_into
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Token
 from didomi_marketo.marketo.credentials import Credentials
@@ -37,7 +39,7 @@ from didomi_marketo.plan import Planner
 from didomi_marketo.report import Report, read_retryable
 from didomi_marketo.state import StateLock, StateStore
 from didomi_marketo.storage import check_urls
-from didomi_marketo.summary import RunSummary, exit_code
+from didomi_marketo.summary import RunSummary, exit_code, failed_run
 
 SAMPLES = 3
 DEFAULT_BULK_THRESHOLD = 50_000
@@ -93,6 +95,30 @@ class _Tee:
             yield u
 
 
+P = ParamSpec("P")
+
+
+def _summary_on_failure(mode: str) -> Callable[[Callable[P, RunResult]], Callable[P, RunResult]]:
+    """A run that stops before its end (bad credentials, a refused schema, the state locked, a
+    full disk) still writes summary.json, with the reason, before the error goes on up."""
+
+    def decorate(run: Callable[P, RunResult]) -> Callable[P, RunResult]:
+        @functools.wraps(run)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> RunResult:
+            started = time.time()
+            try:
+                return run(*args, **kwargs)
+            except (DidomiMarketoError, OSError, sqlite3.Error) as e:
+                config, report = cast(Config, args[0]), cast(Report, args[2])
+                report.fail(failed_run(mode, started, time.time(), config.identity(), e))
+                raise
+
+        return wrapper
+
+    return decorate
+
+
+@_summary_on_failure("sync")
 def run_sync(
     config: Config,
     options: SyncOptions,
@@ -155,10 +181,18 @@ def run_sync(
                                         preflight=preflight)  # fmt: skip
                 if delivery is not None and delivery.first_call_at is not None and clock is None:
                     timings["first_call_after_fold_seconds"] = round(delivery.first_call_at - fold_ended, 3)
-                if delivery is not None and inputs is not None:
-                    # Every lead of these inputs is now confirmed, skipped or pending in the
-                    # state: the next sync may skip them while they stay unchanged.
-                    store.remember_inputs(inputs.units)  # type: ignore[union-attr]
+                if delivery is not None and inputs is not None and store is not None:
+                    if store.unrecorded:
+                        # Outcomes that never reached the state (a full disk): its inputs must
+                        # be read again, or their unsent leads would be lost for good.
+                        warn(
+                            f"{store.unrecorded} lead outcomes could not be written to {store.path}; "
+                            "its inputs are not recorded as synced, so the next run reads them again"
+                        )
+                    else:
+                        # Every lead of these inputs is now confirmed, skipped or pending in the
+                        # state: the next sync may skip them while they stay unchanged.
+                        store.remember_inputs(inputs.units)
             finally:
                 if output is not None:
                     output.close()
@@ -391,12 +425,25 @@ def _size(f: InputFile) -> int:
 
 
 class _Fanout:
+    """Every batch's outcomes to every sink: the state first (the durable record the next run
+    trusts), then the report and the rest. A sink that fails (a full disk) never keeps the others
+    from the batch; the first failure is raised once all were tried, and the engine stops the
+    run naming it."""
+
     def __init__(self, sinks: list[Any]):
-        self.sinks = sinks
+        self.sinks = sorted(sinks, key=lambda s: not isinstance(s, StateStore))
 
     def batch_done(self, outcomes: list[LeadOutcome]) -> None:
+        failure: Exception | None = None
         for s in self.sinks:
-            s.batch_done(outcomes)
+            try:
+                s.batch_done(outcomes)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other sinks
+                failure = failure or e
+                if isinstance(s, StateStore):
+                    s.unrecorded += len(outcomes)
+        if failure is not None:
+            raise failure
 
 
 async def _deliver(config: Config, credentials: Credentials, options: SyncOptions, updates: Iterable[LeadUpdate],
@@ -542,6 +589,7 @@ def _quota_warning(used: int | None, calls: int, quota: int) -> str | None:
 # retry: start at `deliver` from a report
 
 
+@_summary_on_failure("retry")
 def run_retry(
     config: Config,
     report_dir: str,
@@ -554,9 +602,19 @@ def run_retry(
     on_progress: Callable[[str, int, int | None], None] | None = None,
     sinks: list[Any] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> RunResult:
-    """Re-send exactly the retryable leads of an earlier report, with the same engine."""
+    """Re-send exactly the retryable leads of an earlier report, with the same engine.
+
+    Without a state, nothing tells whether a newer sync has since delivered newer consent for
+    these leads (re-sending would roll a revocation back): refused unless `force`."""
     options = replace(options or SyncOptions(paths=[]), dry_run=dry_run or bool(options and options.dry_run))
+    if not options.state and not options.dry_run and not force:
+        raise ConfigError(
+            f"retry {report_dir}: without the state, a newer sync's consent cannot be told from this "
+            "report's older payloads, and re-sending them could roll a revocation back; pass --state "
+            "FILE (the one your syncs use), or --force to re-send anyway"
+        )
     refuse_bulk(config, options.via)
     started = time.time()
     warnings, warn = _warnings(on_warning)

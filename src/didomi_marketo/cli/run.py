@@ -149,11 +149,16 @@ def retry(
     wait_lock: WaitLockOpt = 0.0,
     via: ViaOpt = "auto",
     bulk_threshold: BulkThresholdOpt = DEFAULT_BULK_THRESHOLD,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Re-send without a state, even if a newer sync sent newer consent."),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Re-send exactly the retryable leads of an earlier report, and write a fresh report.
 
-    With --state, a lead that a newer sync already delivered is not rolled back.
+    With --state, a lead that a newer sync already delivered is not rolled back. Without one,
+    retry refuses (a newer sync may have sent newer consent) unless --force.
     """
     if not (report_dir / "undelivered.ndjson").is_file():
         raise ConfigError(f"{report_dir}: not a didomi-marketo report (no undelivered.ndjson)")
@@ -169,6 +174,7 @@ def retry(
         result = run_retry(
             cfg, str(report_dir), make_report(report, False), dry_run=dry_run,
             credentials=credentials, options=options, on_progress=progress.update, on_warning=print_warning,
+            force=force,
         )  # fmt: skip
     finish(result, quiet)
 
