@@ -292,3 +292,39 @@ def test_retryable_bulk_outcomes_go_to_retry_and_the_state_like_rest_ones(sandbo
     summary = json.loads((tmp_path / "r3" / "summary.json").read_text())
     assert summary["leads"]["to_send"] == 0 and summary["leads"]["pending_resent"] == 0
     assert sb.stats()["bulk_uploads"] == uploads
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="signals")
+def test_sigterm_mid_poll_leaves_the_jobs_for_the_next_run_and_exits_3(sandbox_factory, tmp_path, cli):
+    sb = sandbox_factory(bulk_queued_seconds=0, bulk_import_seconds=1000)
+    offset = [0.0]
+    sb.bulk_clock = lambda: time.monotonic() + offset[0]
+    data = write_ndjson(tmp_path / "users.ndjson", users(20))
+    cfg = config(tmp_path, sb, upsert_mode=True)
+    state = tmp_path / "state.db"
+    args = ["sync", data, "-c", cfg, "--via", "bulk", "--state", state, "--report", tmp_path / "r1", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "didomi_marketo", *map(str, args)],
+                            env={**os.environ, **ENV}, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while sb.stats()["bulk_status_calls"] < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "never saw the jobs polled"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3 and "Traceback" not in stderr
+    undelivered = lines(tmp_path / "r1" / "undelivered.ndjson")
+    assert len(undelivered) == 20 and all(u["retryable"] for u in undelivered)
+    assert "left for the next --state run" in undelivered[0]["reason"]
+    assert len(_open_jobs(state)) == 4
+
+    offset[0] += 100_000
+    result = cli("sync", data, "-c", cfg, "--via", "bulk", "--state", state, "--report", tmp_path / "r2",
+                 env=ENV)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sb.stats()["bulk_uploads"] == 4 and _open_jobs(state) == []
+    assert len(lines(tmp_path / "r2" / "delivered.ndjson")) == 20 and len(sb.leads()) == 20
