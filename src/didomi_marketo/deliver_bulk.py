@@ -106,7 +106,6 @@ class BulkEngine(Engine):
         self.stats.bulk = self.importer.stats
         # Under lookupField id the import is update-only; else it creates or updates.
         self.bulk_action = "updateOnly" if self.lookup_field == "id" else "createOrUpdate"
-        self.field_sets = 0
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -130,14 +129,14 @@ class BulkEngine(Engine):
                 await launch(f)
         finally:
             await asyncio.gather(*jobs)
-        self.field_sets = len(builder.field_sets)
         return self._final_stats()
 
     async def resume(self) -> DeliveryStats:
         """Collect the jobs an earlier (killed) run left in Marketo, before anything is planned.
 
         A job recorded without a batch id died during its upload: Marketo may or may not have
-        it, so it is forgotten and its leads, never confirmed in the state, are planned again."""
+        it, so it is forgotten and its leads, never confirmed in the state, are planned again.
+        So is a job keyed by another lookup field (the config's identifier changed since)."""
         assert self.journal is not None
         tasks = []
         for job, batch_id, lookup_field, rows in self.journal.open_bulk_jobs():

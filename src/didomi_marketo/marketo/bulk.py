@@ -15,7 +15,7 @@ import asyncio
 import csv
 import io
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
@@ -91,11 +91,6 @@ class CsvFile:
         self._csv.seek(0)
         return self._csv.read()
 
-    def tags(self) -> Iterator[bytes]:
-        self._tags.seek(0)
-        for line in self._tags:
-            yield line.rstrip(b"\n")
-
     def tags_blob(self) -> bytes:
         self._tags.seek(0)
         return self._tags.read()
@@ -114,13 +109,11 @@ class FileBuilder:
         self.lookup_field = lookup_field
         self.max_bytes = max_bytes
         self._open: dict[tuple[str, ...], CsvFile] = {}
-        self.field_sets: set[tuple[str, ...]] = set()
 
     def add(self, payload: dict[str, Any], tag: bytes) -> CsvFile | None:
         """Add one row; returns a file that is full, if this row did not fit in it."""
         lookup = self.lookup_field
         fields = (lookup, *sorted(k for k in payload if k != lookup))
-        self.field_sets.add(fields)
         current = self._open.get(fields)
         if current is None:
             current = self._open[fields] = CsvFile(fields)
