@@ -560,8 +560,9 @@ def test_15_an_unexpected_usage_answer_is_a_warning_not_a_crash(tmp_path, hostil
 
     srv = hostile(rest__v1__stats__usage_json=odd_usage)
     events(tmp_path, 50)
+    # 50 calls reach 1% of a 5,000-call quota: the size from which a run reads today's usage.
     res = cli("sync", tmp_path / "in", "-c", hostile_config(tmp_path, srv, batch_size=1), "--skip-schema-check",
-              "--report", tmp_path / "r", "-q")  # fmt: skip
+              "--daily-quota", "5000", "--report", tmp_path / "r", "-q")  # fmt: skip
     assert res.exit_code == 0, res.stderr
     assert "warning: cannot read today's API usage" in res.stderr
     assert summary(tmp_path / "r")["delivery"]["updated"] == 50
