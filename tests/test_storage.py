@@ -393,3 +393,29 @@ def test_a_url_naming_one_object_in_a_partition_follows_the_success_rule(s3, tmp
     assert [json.loads(x)["email"] for x in (tmp_path / "o.ndjson").read_text().splitlines()] == [
         "d03@example.com"
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: an object is read a range at a time, never fetched whole first
+
+
+def test_a_large_object_streams_a_range_at_a_time(s3, monkeypatch):
+    from didomi_marketo.didomi.readers import open_binary, read_records
+    from didomi_marketo.storage import READ_BUFFER, discover_url
+
+    bucket = bucket_name()
+    s3.create_bucket(bucket)
+    line = json.dumps(event("big@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})).encode() + b"\n"
+    body = line * (3 * READ_BUFFER // len(line))  # three ranges' worth
+    s3.put(f"s3://{bucket}/big.ndjson", body)
+    for k, v in s3.env().items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    (item,) = discover_url(f"s3://{bucket}/big.ndjson")
+    with open_binary(item) as fh:
+        assert fh.readline() == line
+        fetched = fh.raw.fh.loc  # how far the object has been requested so far
+    assert fetched <= READ_BUFFER < len(body)
+    assert sum(1 for _ in read_records(item)) == len(body) // len(line)  # and all of it reads

@@ -96,7 +96,9 @@ def _filesystem(backend: Backend) -> Any:
         import s3fs
 
         # No key given: botocore's chain finds them; AWS_ENDPOINT_URL(_S3) points it elsewhere.
-        return s3fs.S3FileSystem(skip_instance_cache=True)
+        # Didomi's export bucket is Requester Pays: S3 refuses (403) a request that does not
+        # accept the charges. On any other bucket the header changes nothing.
+        return s3fs.S3FileSystem(skip_instance_cache=True, requester_pays=True)
     # The core class: gcsfs's default one first probes each bucket's layout over gRPC, an extra
     # round trip (and a long stall where gRPC is not served) that plain reads do not need.
     from gcsfs.core import GCSFileSystem
