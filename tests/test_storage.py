@@ -419,3 +419,16 @@ def test_a_large_object_streams_a_range_at_a_time(s3, monkeypatch):
         fetched = fh.raw.fh.loc  # how far the object has been requested so far
     assert fetched <= READ_BUFFER < len(body)
     assert sum(1 for _ in read_records(item)) == len(body) // len(line)  # and all of it reads
+
+
+def test_explain_follows_a_person_through_a_bucket(s3, tmp_path, cli):
+    """Every command that reads inputs reads URLs the same way (explain here; preview, check and
+    reconcile share read_into)."""
+    local = three_days(tmp_path)
+    bucket = bucket_name()
+    s3.create_bucket(bucket)
+    upload_tree(s3, local, f"s3://{bucket}/data")
+    result = cli("explain", "d03@example.com", "-c", make_config(tmp_path), f"s3://{bucket}/data",
+                 "--allow-incomplete", "--format", "json", env=s3.env())  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"s3://{bucket}/data/export-id=e1/date=2026-11-03/users/part-00000.json.gz:1" in result.stdout

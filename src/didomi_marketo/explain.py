@@ -29,14 +29,13 @@ from didomi_marketo.didomi.readers import (
     IncompletePartition,
     InputFile,
     Problem,
-    discover,
     open_binary,
     read_records,
     sniff_json,
 )
 from didomi_marketo.didomi.records import Observation, Unusable, observations
 from didomi_marketo.errors import ConfigError
-from didomi_marketo.inputs import InputStats, build_fold
+from didomi_marketo.inputs import InputStats, build_fold, discover_all
 from didomi_marketo.plan import Planner, keep_newer
 from didomi_marketo.state import StateStore, lead_record
 
@@ -236,7 +235,7 @@ def _records_of(config: Config, paths: list[str], keys: set[str], allow_incomple
     needles = [k.encode() for k in keys]
     last_raw: Any = None
     last_key: str | None = None
-    for item in discover(paths, allow_incomplete):
+    for item in discover_all(paths, allow_incomplete):
         if isinstance(item, Problem | IncompletePartition):
             continue  # `sync` reports these; explain follows the records that can reach the key
         if item.walked and not sniff_json(item):

@@ -49,7 +49,9 @@ class InputStats:
 def discover_all(
     paths: list[str], allow_incomplete: bool = False, window: DateWindow = ALL_DATES
 ) -> Iterator[InputFile | Problem | IncompletePartition]:
-    """Local paths and `s3://` / `gs://` URLs, in command-line order, into the same items."""
+    """Local paths and `s3://` / `gs://` URLs, in command-line order, into the same items.
+    Raises ConfigError, before anything is read, for a URL whose extra is not installed."""
+    check_urls(paths)
     for raw in paths:
         if is_url(raw):
             yield from discover_url(raw, allow_incomplete, window)
@@ -78,7 +80,6 @@ def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: Input
     process. `on_start(files)` runs once the workers exist (a thread it starts is never forked
     with them); `check` runs between files and may raise to stop the reading. A line longer than
     `max_line_bytes` is rejected at its `path:line`, never held in memory."""
-    check_urls(paths)
     items = list(discover_all(paths, allow_incomplete, window))
     files = [i for i in items if isinstance(i, InputFile)]
     # Local files only: stdin cannot be shared, and a storage client's threads do not fork.
