@@ -20,8 +20,8 @@ install: $(STAMP)
 
 $(EMU_STAMP): tests/emulators.txt
 	$(PYTHON) -m venv $(EMU_VENV)
-	$(EMU_VENV)/bin/pip install --quiet --upgrade pip
-	$(EMU_VENV)/bin/pip install --quiet -r tests/emulators.txt
+	$(EMU_VENV)/bin/pip install --quiet --quiet --upgrade pip
+	$(EMU_VENV)/bin/pip install --quiet --quiet -r tests/emulators.txt
 	touch $(EMU_STAMP)
 
 ## emulators: the S3 and GCS servers the cloud storage tests start on 127.0.0.1 (cached by a stamp)
@@ -32,7 +32,8 @@ demo: install
 	bash scripts/demo.sh
 
 ## test: unit, property and end-to-end tests (the sandbox and the storage emulators run on 127.0.0.1)
-test: install emulators
+test:
+	$(MAKE) --no-print-directory -j2 install emulators  # two venvs, built side by side
 	$(BIN)/pytest -q
 
 lint: install
