@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,17 +100,21 @@ class S3Emulator:
     endpoint: str
     key: str  # an administrator's access key: everything allowed
     secret: str
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def client(self, service: str = "s3", key: str | None = None, secret: str | None = None) -> Any:
-        import botocore.session
+    def client(self, service: str = "s3") -> Any:
+        """A botocore client as the administrator (made once: loading a service model is slow)."""
+        if service not in self._clients:
+            import botocore.session
 
-        return botocore.session.get_session().create_client(
-            service,
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id=key or self.key,
-            aws_secret_access_key=secret or self.secret,
-        )
+            self._clients[service] = botocore.session.get_session().create_client(
+                service,
+                endpoint_url=self.endpoint,
+                region_name=REGION,
+                aws_access_key_id=self.key,
+                aws_secret_access_key=self.secret,
+            )
+        return self._clients[service]
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)

@@ -432,3 +432,31 @@ def test_explain_follows_a_person_through_a_bucket(s3, tmp_path, cli):
                  "--allow-incomplete", "--format", "json", env=s3.env())  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"s3://{bucket}/data/export-id=e1/date=2026-11-03/users/part-00000.json.gz:1" in result.stdout
+
+
+def test_state_skips_synced_gcs_partitions_by_generation(gcs, sandbox, tmp_path, cli):
+    bucket = bucket_name()
+    gcs.create_bucket(bucket)
+    local = tmp_path / "export"
+    export_partition(local, "2026-11-01", [didomi_user("g1@example.com", "2026-11-01T00:00:00Z", True)])
+    export_partition(local, "2026-11-02", [didomi_user("g2@example.com", "2026-11-02T00:00:00Z", True)])
+    url = f"gs://{bucket}/data"
+    upload_tree(gcs, local, url)
+    config, state, env = make_config(tmp_path, sandbox), tmp_path / "state.db", {**ENV, **gcs.env()}
+    assert cli("sync", url, "-c", config, "--upsert", "--state", state, env=env).exit_code == 0
+
+    def summary_of(run: str) -> dict[str, Any]:
+        result = cli(
+            "sync", url, "-c", config, "--upsert", "--state", state, "--report", tmp_path / run, env=env
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / run / "summary.json").read_text())["input"]
+
+    again = summary_of("r2")
+    assert again["files"] == 0 and again["files_unchanged"] == 2
+    user = didomi_user("g2@example.com", "2026-11-03T00:00:00Z", False)
+    gcs.put(f"{url}/export-id=e1/date=2026-11-02/users/part-00000.json.gz",
+            gzip.compress((json.dumps({"user": user, "events": []}) + "\n").encode()))  # fmt: skip
+    changed = summary_of("r3")
+    assert changed["files"] == 1 and changed["files_unchanged"] == 1
+    assert sandbox.lead_by_email("g2@example.com")["didomiNewsletterOptIn"] is False
