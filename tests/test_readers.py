@@ -337,7 +337,28 @@ def test_paths_are_taken_in_command_line_order(tmp_path):
     ],
 )
 def test_sniff_json_skips_non_json_files(tmp_path, content, is_json):
-    assert sniff_json(input_file(write(tmp_path / "README.json", content))) is is_json
+    assert sniff_json(input_file(write(tmp_path / "README", content))) is is_json
+
+
+@pytest.mark.parametrize("name", ["events.ndjson", "part-0.json.gz", "users.JSONL", "page.json"])
+def test_a_file_named_as_data_is_read_even_when_its_first_line_is_broken(tmp_path, name):
+    """Skipping it would drop every good record after the broken line without a word."""
+    assert sniff_json(input_file(write(tmp_path / name, b'not json\n{"a": 1}\n')))
+
+
+def test_a_broken_first_line_in_a_folder_is_rejected_and_the_rest_is_read(tmp_path, cli):
+    from conftest import event, make_config
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = json.dumps(event("a@x.example", "2026-11-20T10:00:00Z", {"newsletter": True}))
+    (folder / "events.ndjson").write_text("not json at all\n" + good + "\n")
+    (folder / "README.md").write_text("# what this folder holds\n")
+    out = tmp_path / "payloads.ndjson"
+    result = cli("sync", folder, "--config", make_config(tmp_path), "--dry-run", "--output", out, "--quiet")
+    assert result.exit_code == 1  # a rejected record
+    assert f"{folder / 'events.ndjson'}:1" in result.stderr
+    assert [json.loads(line)["email"] for line in out.read_text().splitlines()] == ["a@x.example"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
     leads = summary["leads"]
     rows: list[tuple[str, Any]] = [
         ("files read", inp["files"]),
+        *(
+            [("  files skipped (not data, or not regular files)", inp["files_skipped"])]
+            if inp["files_skipped"]
+            else []
+        ),
+        *([("  files unchanged since last sync", inp["files_unchanged"])] if inp["files_unchanged"] else []),
         ("records read", inp["records"]),
         ("  events / user statuses", f"{inp['events']} / {inp['user_statuses']}"),
         ("  rejected", inp["rejected"]),

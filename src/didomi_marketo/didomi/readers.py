@@ -297,10 +297,18 @@ class _Chain(io.RawIOBase):
         super().close()
 
 
+# Names that say "data": such a file is always read, so a broken first line is rejected with its
+# path:line instead of the whole file being skipped as "not JSON" without a word.
+DATA_SUFFIXES = (".json", ".ndjson", ".jsonl", ".gz")
+
+
 def sniff_json(f: InputFile) -> bool:
-    """Whether a file found in a folder looks like JSON (or gzip): skip READMEs and the like."""
+    """Whether a file found in a folder is data to read: named as data, or looking like JSON (or
+    gzip) in its first bytes. What is skipped (READMEs and the like) is counted by the caller."""
     if f.special is not None:
         return False  # never opened: see _walk
+    if f.path.name.lower().endswith(DATA_SUFFIXES):
+        return True
     try:
         with open_binary(f, head_only=True) as fh:
             head = fh.read(512).lstrip()
