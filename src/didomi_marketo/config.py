@@ -29,17 +29,16 @@ import yaml
 
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.mapping import FieldMapping, parse_property, parse_transforms
-from didomi_marketo.marketo.client import DEFAULT_TIMEOUT
+from didomi_marketo.marketo.client import DEFAULT_TIMEOUT, RETRY_MIN_ATTEMPTS, RETRY_MIN_SECONDS
 from didomi_marketo.marketo.credentials import Credentials, Secret
+from didomi_marketo.marketo.limiter import MAX_CONCURRENCY as MAX_CONCURRENCY
+from didomi_marketo.marketo.limiter import RATE_CALLS as RATE_CALLS
+from didomi_marketo.marketo.limiter import RATE_WINDOW_SECONDS as RATE_WINDOW_SECONDS
 
-# Defaults and bounds, declared once: the CLI's options and the library both read these.
-RATE_CALLS = 100  # Marketo: 100 calls per 20 s per instance, shared by every integration
-RATE_WINDOW_SECONDS = 20.0
-MAX_CONCURRENCY = 10  # Marketo: 10 calls in flight per instance
+# Defaults and bounds, declared once: the CLI's options and the library both read these (the
+# Marketo limits and the client's own from the module that enforces them).
 BATCH_SIZE = 300  # Marketo: at most 300 leads per Sync Leads call
 DEFAULT_DAILY_QUOTA = 50_000  # Marketo's default daily API quota (calls a day, reset at midnight US Central)
-RETRY_MIN_ATTEMPTS = 5  # what Didomi's own integration promises
-RETRY_MIN_SECONDS = 300.0
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a Didomi integration config is a few KB
 FIFO_WAIT_SECONDS = 10.0  # a config read from a pipe (`-c <(...)`) must arrive within this

@@ -32,7 +32,7 @@ from didomi_marketo.marketo.codes import (
     describe,
     is_expected_skip,
 )
-from didomi_marketo.marketo.limiter import Clock, Limiter, RealClock
+from didomi_marketo.marketo.limiter import RATE_WINDOW_SECONDS, Clock, Limiter, RealClock
 from didomi_marketo.outcomes import LeadOutcome, LeadUpdate, OutcomeSink
 
 MAX_BODY_BYTES = 1_000_000  # Marketo refuses > 1 MB (1,048,576) with HTTP 413; keep a margin
@@ -115,7 +115,7 @@ class Engine:
         sink: OutcomeSink,
         clock: Clock | None = None,
         on_progress: Callable[[int], None] | None = None,
-        window_seconds: float = 20.0,
+        window_seconds: float = RATE_WINDOW_SECONDS,
         earlier_calls: Iterable[float] = (),
         stats: DeliveryStats | None = None,
     ):

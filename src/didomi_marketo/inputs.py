@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from didomi_marketo.config import Config
-from didomi_marketo.didomi.fold import Fold, FoldSchema, FoldStats, IssueSink
+from didomi_marketo.didomi.fold import SPILL_THRESHOLD, Fold, FoldSchema, FoldStats, IssueSink
 from didomi_marketo.didomi.readers import (
     ALL_DATES,
     MAX_LINE_BYTES,
@@ -270,7 +270,7 @@ def _add_counts(total: FoldStats, part: FoldStats) -> None:
 def build_fold(
     config: Config,
     on_issue: IssueSink,
-    spill_threshold: int = 250_000,
+    spill_threshold: int = SPILL_THRESHOLD,
     mappings: list[FieldMapping] | None = None,
 ) -> Fold:
     """The fold for `config` (or for other mappings under its identifier and regulations)."""

@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from didomi_marketo.marketo.redact import redact, redact_bytes
+
 FORMATS = ("text", "json")
 LOGGER = logging.getLogger("didomi_marketo")
 
@@ -56,7 +58,8 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = f"{type(exc).__name__}: {exc}"
             # The traceback stays one JSON string: one line, still parseable.
             out["traceback"] = "".join(traceback.format_exception(*record.exc_info))
-        return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        # Whatever a message or field carries (a server's echo of the request), no known secret.
+        return redact_bytes(orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS)).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -68,7 +71,7 @@ class TextFormatter(logging.Formatter):
             text = f"{record.levelname.lower()}: {text}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        return redact(text)
 
 
 def _has_text(record: logging.LogRecord) -> bool:
@@ -114,6 +117,10 @@ def setup(fmt: str = "text", verbose: bool = False) -> None:
         handler.addFilter(_has_text)
     LOGGER.addHandler(handler)
     LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # httpx logs each request's URL at INFO: the identity URL carries the client secret in its
+    # query (where Adobe documents it), so those lines must never reach any handler.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     LOGGER.propagate = False  # never twice through a root handler someone else configured
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from didomi_marketo.config import Config
-from didomi_marketo.didomi.fold import NEVER
+from didomi_marketo.didomi.fold import NEVER, SPILL_THRESHOLD
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.inputs import InputStats, build_fold, read_into
 from didomi_marketo.mapping import FieldMapping, classify_value, describe_mapping
@@ -223,7 +223,7 @@ def run_preview(
     limit: int = DEFAULT_SAMPLES,
     allow_incomplete: bool = False,
     on_lead: Callable[[LeadDiff], None] | None = None,
-    spill_threshold: int = 250_000,
+    spill_threshold: int = SPILL_THRESHOLD,
 ) -> PreviewResult:
     """Read, fold and map `paths` under `new` without sending anything (no credentials).
 

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import orjson
 
-from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
+from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Config
 from didomi_marketo.deliver import DeliveryStats
 from didomi_marketo.didomi.fold import LATEST, NEVER, SRC_LINE, SRC_PATH, format_timestamp, parse_timestamp
 from didomi_marketo.errors import ConfigError, FatalError
@@ -58,7 +58,7 @@ class ReconcileOptions:
     since: float | None = None  # only leads whose consent changed after this (epoch seconds)
     daily_quota: int = DEFAULT_DAILY_QUOTA
     allow_incomplete: bool = False
-    rate_window: float = 20.0
+    rate_window: float = RATE_WINDOW_SECONDS
     wait_lock: float = 0.0
 
 

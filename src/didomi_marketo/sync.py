@@ -26,7 +26,7 @@ from didomi_marketo.check import BLOCKING_KINDS, schema_problems
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Config
 from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.deliver_bulk import BulkEngine
-from didomi_marketo.didomi.fold import FoldSchema
+from didomi_marketo.didomi.fold import SPILL_THRESHOLD, FoldSchema
 from didomi_marketo.didomi.readers import ALL_DATES, MAX_LINE_BYTES, DateWindow, InputFile
 from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
 from didomi_marketo.inputs import InputFilter, InputStats, build_fold, default_jobs, read_into
@@ -54,7 +54,7 @@ class SyncOptions:
     output: str | None = None  # dry run: every payload as NDJSON
     rate_window: float = RATE_WINDOW_SECONDS  # Marketo's rate window (compressed in the sandbox bench)
     daily_quota: int = DEFAULT_DAILY_QUOTA
-    spill_threshold: int = 250_000
+    spill_threshold: int = SPILL_THRESHOLD
     state: str | None = None  # the state store (incremental syncs)
     full: bool = False  # ignore the state for this run (and refresh it)
     wait_lock: float = 0.0  # seconds to wait for another run holding the state lock

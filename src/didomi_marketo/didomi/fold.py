@@ -32,6 +32,7 @@ NEVER = -math.inf
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 LEAD_ID = re.compile(r"[0-9]+\Z")
+SPILL_THRESHOLD = 250_000  # leads held in memory before the fold spills to SQLite
 MAX_LEAD_ID = 2**31 - 1  # Marketo lead ids are 32-bit signed integers
 
 
@@ -148,7 +149,7 @@ class Fold:
         identifier: str,
         regulations: frozenset[str],
         on_issue: IssueSink,
-        spill_threshold: int = 250_000,
+        spill_threshold: int = SPILL_THRESHOLD,
         scratch_dir: str | None = None,
     ):
         self.schema = schema

@@ -39,12 +39,16 @@ from didomi_marketo.marketo.codes import (
     request_action,
 )
 from didomi_marketo.marketo.credentials import Credentials
-from didomi_marketo.marketo.limiter import Clock, RealClock, Stopped
+from didomi_marketo.marketo.limiter import MAX_CONCURRENCY, Clock, RealClock, Stopped
 from didomi_marketo.marketo.redact import redact_bytes, register
 
 T = TypeVar("T")
 TOKEN_PATH = "/identity/oauth/token"
 DEFAULT_TIMEOUT = 120.0  # seconds a call may take, connect to last byte
+# A transient failure is given up only after this many retries spanning this long (what Didomi's
+# own integration promises).
+RETRY_MIN_ATTEMPTS = 5
+RETRY_MIN_SECONDS = 300.0
 # Marketo's largest answers (describe, 300 results) are well under 1 MB; a bigger one is broken.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
@@ -85,7 +89,7 @@ class MarketoClient:
         credentials: Credentials,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        max_connections: int = 10,
+        max_connections: int = MAX_CONCURRENCY,
         clock: Clock | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ):
@@ -374,8 +378,8 @@ class RetryPolicy:
     """
 
     clock: Clock
-    min_attempts: int = 5
-    min_seconds: float = 300.0
+    min_attempts: int = RETRY_MIN_ATTEMPTS
+    min_seconds: float = RETRY_MIN_SECONDS
     base_delay: float = 1.0
     max_delay: float = 60.0
     max_reauths: int = 3

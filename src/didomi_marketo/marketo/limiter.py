@@ -17,6 +17,11 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol
 
+# Marketo's documented limits per instance, shared by every integration (our defaults too).
+RATE_CALLS = 100  # calls per rate window
+RATE_WINDOW_SECONDS = 20.0
+MAX_CONCURRENCY = 10  # calls in flight
+
 
 class Clock(Protocol):
     """Time, injectable: tests pass a fake clock so retries and windows cost no real seconds."""
