@@ -132,9 +132,14 @@ def test_reconcile_refuses_to_exceed_max_calls_or_the_quota_left(synced, sandbox
     result = cli("reconcile", synced["data"], "--config", synced["cfg"], "--max-calls", 10)
     assert result.exit_code == 3
     assert "needs 18 calls" in result.output and "--max-calls is 10" in result.output
-    result = cli("reconcile", synced["data"], "--config", synced["cfg"], "--daily-quota", 30)
+    report = synced["tmp"] / "refused"
+    result = cli(
+        "reconcile", synced["data"], "--config", synced["cfg"], "--daily-quota", 30, "--report", report
+    )
     assert result.exit_code == 3
     assert "daily quota" in result.output
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["exit_code"] == 3 and "daily quota" in summary["error"]
     assert sandbox.stats()["get_leads_calls"] == before  # nothing was read
 
 

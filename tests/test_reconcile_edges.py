@@ -81,3 +81,18 @@ def test_lead_ids_as_keys(tmp_path, sandbox, cli):
     doc = json.loads(result.stdout)
     assert doc["key"] == "7" and doc["payload"] == {"id": 7, "didomiNewsletterOptIn": True}
     assert doc["steps"][0]["source"].endswith("events.ndjson:1")
+
+
+def test_a_mapped_field_marketo_does_not_know_is_a_config_error_at_once(tmp_path, sandbox, cli):
+    data, _ = _synced(tmp_path, sandbox, cli)
+    (tmp_path / "other").mkdir()
+    cfg = make_config(
+        tmp_path / "other",
+        sandbox,
+        mappings=[{"id": "didomiNope", "value": "consents_purposes_newsletter_enabled"}],
+    )
+    before = sandbox.stats()["get_leads_calls"]
+    result = cli("reconcile", data, "--config", cfg)
+    assert result.exit_code == 2
+    assert "1006" in result.output and "didomiNope" in result.output
+    assert sandbox.stats()["get_leads_calls"] == before + 1  # refused once, never retried

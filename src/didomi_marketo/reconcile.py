@@ -29,13 +29,13 @@ import orjson
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Config
 from didomi_marketo.deliver import DeliveryStats
 from didomi_marketo.didomi.fold import LATEST, NEVER, SRC_LINE, SRC_PATH, format_timestamp, parse_timestamp
-from didomi_marketo.errors import ConfigError, FatalError
+from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
 from didomi_marketo.explain import consent_time, trace, wall_clock
 from didomi_marketo.inputs import InputStats, build_fold, read_into
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Stopped
 from didomi_marketo.marketo.codes import QUOTA_RESET_NOTE, Action
 from didomi_marketo.marketo.credentials import Credentials
-from didomi_marketo.marketo.leads import LeadReader, calls_for
+from didomi_marketo.marketo.leads import LeadReader, ReadRefused, calls_for
 from didomi_marketo.marketo.limiter import Limiter
 from didomi_marketo.outcomes import LeadUpdate
 from didomi_marketo.plan import Planner, keep_newer
@@ -278,6 +278,11 @@ async def _read_marketo(config: Config, credentials: Credentials, options: Recon
                             max_calls=None if budget is None else budget - 1)  # fmt: skip
         try:
             found = await reader.read(keys)
+        except ReadRefused as e:
+            raise ConfigError(
+                f"Marketo refused to read the mapped fields ({e.code}: {e.message}); "
+                "check the mapping against Marketo with `didomi-marketo check`"
+            ) from None
         except (CallFailed, GaveUp, Stopped) as e:
             raise _fatal(e) from None
         finally:
@@ -343,6 +348,13 @@ def run_reconcile(
                 delivery = _fix(
                     config, credentials, sync_options, drifted, report, store, calls, earlier, warn
                 )
+    except DidomiMarketoError as e:
+        # The report still says what happened (cron reads summary.json); the CLI prints the error.
+        summary = _summary(config, options, inputs, comparison, calls, delivery, started)
+        summary["error"] = str(e)
+        summary["exit_code"] = e.exit_code
+        report.finish(summary)
+        raise
     finally:
         if drift_file is not None:
             drift_file.close()

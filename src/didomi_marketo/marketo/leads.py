@@ -39,6 +39,15 @@ def lead_key(row: dict[str, Any], lookup_field: str) -> str | None:
     return str(value).strip().lower()
 
 
+class ReadRefused(Exception):
+    """Marketo refused the query itself with a 1xxx code (a field it does not know, 1006, or
+    cannot filter on, 1011): the same query fails the same way, so it is never retried."""
+
+    def __init__(self, code: str, message: str):
+        self.code, self.message = code, message
+        super().__init__(f"{code}: {message}")
+
+
 @dataclass
 class ReadStats:
     calls: int = 0
@@ -115,7 +124,12 @@ class LeadReader:
             if self.max_calls is not None and self.stats.calls >= self.max_calls:
                 raise Stopped(f"the --max-calls budget of {self.max_calls} calls is spent")
             self.stats.calls += 1
-            if long_uri:
-                self.stats.post_calls += 1
-                return await self.client.call("POST", LEADS_PATH, params={"_method": "GET"}, form=params)
-            return await self.client.call("GET", LEADS_PATH, params=params)
+            try:
+                if long_uri:
+                    self.stats.post_calls += 1
+                    return await self.client.call("POST", LEADS_PATH, params={"_method": "GET"}, form=params)
+                return await self.client.call("GET", LEADS_PATH, params=params)
+            except CallFailed as e:
+                if e.code.isdigit() and e.code.startswith("1"):
+                    raise ReadRefused(e.code, e.message) from None
+                raise
