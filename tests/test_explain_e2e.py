@@ -138,3 +138,30 @@ def test_unknown_and_invalid_keys(tmp_path, inputs, cli):
     assert result.exit_code == 2
     assert "not an email" in result.output
     assert cli("explain", "pat@example.com", "--config", cfg, "--format", "yaml").exit_code == 2
+
+
+def test_a_record_older_than_the_state_is_named_as_such(tmp_path, sandbox, cli):
+    sandbox.seed_leads([{"email": "lee@example.com"}])
+    newer = write_ndjson(
+        tmp_path / "new.ndjson", [event("lee@example.com", "2026-06-01T00:00:00Z", {"newsletter": False})]
+    )
+    older = write_ndjson(
+        tmp_path / "old.ndjson", [event("lee@example.com", "2026-01-01T00:00:00Z", {"newsletter": True})]
+    )
+    cfg, state = make_config(tmp_path, sandbox), tmp_path / "state.db"
+    assert cli("sync", newer, "--config", cfg, "--state", state, "-q").exit_code == 0
+    doc = json.loads(
+        cli("explain", "lee@example.com", older, "--config", cfg, "--state", state, "--format", "json").stdout
+    )
+    (step,) = doc["steps"]
+    assert step["applied"] and step["won"] == [] and step["older_than_state"] == ["didomiNewsletterOptIn"]
+    (verdict,) = [v for v in doc["verdicts"] if v["field"] == "didomiNewsletterOptIn"]
+    assert (verdict["value"], verdict["source"], verdict["consent_at"]) == (
+        False,
+        "state",
+        "2026-06-01T00:00:00Z",
+    )
+    assert doc["payload"]["didomiNewsletterOptIn"] is False
+    assert "already confirmed" in doc["payload_note"]
+    text = cli("explain", "lee@example.com", older, "--config", cfg, "--state", state).stdout
+    assert "older than the consent Marketo confirmed" in text

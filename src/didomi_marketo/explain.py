@@ -70,7 +70,8 @@ class Step:
     said: dict[str, Any] = field(default_factory=dict)  # Marketo field -> value, as it would be sent
     applied: bool = True
     ignored: str | None = None  # why the fold did not apply it (its category and reason)
-    won: list[str] = field(default_factory=list)  # fields this record held right after it was added
+    won: list[str] = field(default_factory=list)  # fields it wins in the end
+    older_than_state: list[str] = field(default_factory=list)  # fields where the state holds newer
 
 
 @dataclass
@@ -346,6 +347,23 @@ def _verdicts(config: Config, planner: Planner, state: list[Any] | None, holder:
     return out
 
 
+def _older_than_state(result: Explanation, fields: dict[str, Any], stamps: dict[str, Any],
+                      before: dict[str, Any]) -> None:  # fmt: skip
+    """Where the state holds a newer consent than every input record (an old file read late),
+    the state's value is what a sync keeps: the verdict says so, and the record that led the
+    inputs for that field is marked older than the state."""
+    for v in result.verdicts:
+        if stamps.get(v.field) == before.get(v.field):
+            continue
+        step = next((s for s in result.steps if s.n == v.step), None)
+        if step is not None and v.field in step.won:
+            step.won.remove(v.field)
+            step.older_than_state.append(v.field)
+        v.value, v.step, v.source = fields[v.field], None, "state"
+        v.consent_at = consent_time(stamps.get(v.field))
+        v.reason = "Marketo confirmed a newer consent than any input record (the state); the newer wins"
+
+
 # ---------------------------------------------------------------------------------------------
 # Marketo's answers: the state and the reports
 
@@ -401,7 +419,10 @@ def explain(config: Config, raw_key: str, paths: list[str], *, state: str | None
         if not fields:
             result.payload_note = "nothing to send: no mapped consent property has a value"
         else:
+            before = dict(stamps)
             kept = keep_newer(prior.confirmed, fields, stamps) if prior is not None else 0
+            if kept:
+                _older_than_state(result, fields, stamps, before)
             lookup = config.lookup_field
             result.payload = {lookup: int(key) if lookup == "id" else key, **fields}
             confirmed = {k: v[0] for k, v in prior.confirmed.items()} if prior is not None else {}

@@ -155,6 +155,10 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
         console.print(f"    says: {says}", markup=False, soft_wrap=True)
         if not s["applied"]:
             outcome = f"ignored: {s['ignored']}"
+        elif s["older_than_state"] and not s["won"]:
+            outcome = "applied, but older than the consent Marketo confirmed (state) for " + ", ".join(
+                s["older_than_state"]
+            )
         elif s["won"]:
             outcome = "applied; wins " + ", ".join(s["won"])
         else:
