@@ -1,12 +1,12 @@
 """`explain KEY`: what happened to one person's consent, and why Marketo says what it says.
 
 Nothing here decides consent: every record that touches the key is fed, in input order, through
-a real `Fold` built exactly as `sync` builds it, and explain only watches. What a record says
-about each property is what a fresh fold makes of that record alone; a record won a property
-when, right after it was added, the fold holds exactly what that record said; a record was
-ignored when the fold reported it (pending, other regulation, deleted, anonymous, rejected...)
-with the fold's own reason. One owner per rule: the rules stay in `didomi/fold.py` and
-`plan.py`, and explain follows them when they change.
+a real `Fold` built exactly as `sync` builds it, and explain only watches. A record holds a
+field when, right after it was added, the fold's slot equals what a fresh fold makes of that
+record alone (its value and its stamp); a record was ignored when the fold reported it (pending,
+other regulation, deleted, rejected...) with the fold's own reason; what a record says is read
+with the mapping's own property readers (shown for ignored records too). One owner per rule: the
+rules stay in `didomi/fold.py` and `plan.py`, and explain follows them when they change.
 
 It never needs credentials and never calls Marketo: Marketo's answers come from the state
 (confirmed values, pending payload, skip code) and from `--report` directories.
@@ -314,7 +314,11 @@ def _said(config: Config, obs: Observation, props: dict[str, Any]) -> dict[str, 
     for m in config.mappings:
         if m.source is None or m.source.name not in props:
             continue
-        value = props[m.source.name].extract(purposes, obs.consents, obs.user)
+        try:
+            value = props[m.source.name].extract(purposes, obs.consents, obs.user)
+        except ValueError as e:  # a malformed consent flag: the fold rejects the record, say why
+            out[m.field] = f"malformed ({e})"
+            continue
         if value is not None:
             out[m.field] = m.render(value)
     return out
