@@ -14,6 +14,7 @@ second cannot hold it open), and an answer may not inflate past MAX_RESPONSE_BYT
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import ssl
 import zlib
@@ -81,6 +82,13 @@ class Token:
     expires_at: float = 0.0
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context per process: building one (loading the CA bundle) takes tens of ms, and a
+    sync makes several clients (the schema check's, then the delivery's right after the fold)."""
+    return httpx.create_ssl_context()
+
+
 class MarketoClient:
     """Talks to one Marketo instance. Use as `async with MarketoClient(...) as client`."""
 
@@ -104,6 +112,7 @@ class MarketoClient:
             headers={"User-Agent": f"didomi-marketo/{__version__}", "Accept-Encoding": "gzip"},
             transport=transport,
             follow_redirects=False,
+            verify=_tls(),
         )
         self._token: Token | None = None
         self._token_lock = asyncio.Lock()
