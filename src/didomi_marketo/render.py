@@ -117,9 +117,7 @@ def print_reconcile(console: Console, summary: dict[str, Any], samples: list[dic
             )
             for name, f in s["fields"].items()
         ]
-        console.print(
-            f"  drift {s['key']} ({s['source']}): " + "; ".join(parts), markup=False, soft_wrap=True
-        )
+        console.print(f"  drift {s['key']}: " + "; ".join(parts), markup=False, soft_wrap=True)
     fix = summary.get("fix")
     if fix:
         console.print(
