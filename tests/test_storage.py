@@ -460,3 +460,14 @@ def test_state_skips_synced_gcs_partitions_by_generation(gcs, sandbox, tmp_path,
     changed = summary_of("r3")
     assert changed["files"] == 1 and changed["files_unchanged"] == 1
     assert sandbox.lead_by_email("g2@example.com")["didomiNewsletterOptIn"] is False
+
+
+def test_no_aws_credentials_at_all_is_one_line_exit_3(s3, tmp_path, cli):
+    env = {**s3.env(), "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}  # nothing in the chain
+    result = cli("sync", "s3://any-bucket/data", "-c", make_config(tmp_path), "--dry-run", env=env)
+    assert result.exit_code == 3, result.output
+    assert result.stderr.splitlines()[0] == (
+        "s3://any-bucket/data: no AWS credentials found for bucket 'any-bucket' (Unable to locate "
+        "credentials): set AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or run where an instance "
+        "role applies"
+    )
