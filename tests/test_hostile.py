@@ -720,7 +720,8 @@ def test_2_retry_without_a_state_refuses_instead_of_rolling_consent_back(sandbox
     )
     sb.inject("http:503", times=2)  # the opt-in fails retryably...
     assert cli("sync", yes, "-c", config, "--state", state, "--report", tmp_path / "r1", "-q").exit_code == 1
-    assert cli("sync", no, "-c", config, "--state", state, "-q").exit_code == 0  # ...the revocation lands
+    res = cli("sync", no, "-c", config, "--state", state, "--report", tmp_path / "r2", "-q")
+    assert res.exit_code == 0  # ...the revocation lands
     calls = sb.stats()["sync_calls"]
     res = cli("retry", tmp_path / "r1", "-c", config, "-q")
     assert res.exit_code == 2 and "--state" in res.stderr and "--force" in res.stderr
@@ -730,6 +731,11 @@ def test_2_retry_without_a_state_refuses_instead_of_rolling_consent_back(sandbox
     )
     res = cli("retry", tmp_path / "r1", "-c", config, "--state", state, "-q")
     assert res.exit_code == 0 and sb.lead_by_email("u0@example.com")["didomiNewsletterOptIn"] is False
+    res = cli(
+        "retry", tmp_path / "r1", "-c", config, "--newer", tmp_path / "r2", "--report", tmp_path / "r3", "-q"
+    )
+    assert res.exit_code == 0 and summary(tmp_path / "r3")["leads"]["to_send"] == 0  # the newer report wins
+    assert sb.lead_by_email("u0@example.com")["didomiNewsletterOptIn"] is False
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     examples = [line for line in readme.splitlines() if "didomi-marketo retry " in line]
     assert examples and all("--state" in line for line in examples)

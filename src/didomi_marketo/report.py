@@ -5,7 +5,7 @@ usable partial report). Together they answer "what happened to user X" with one 
 
   rejected.ndjson     input records that cannot be used (path:line, reason)
   ignored.ndjson      records ignored on purpose: anonymous, pending, other regulation, deleted
-  delivered.ndjson    leads Marketo created or updated (key, status, lead id)
+  delivered.ndjson    leads Marketo created or updated (key, status, lead id, consent sent)
   undelivered.ndjson  leads skipped or failed, with code, reason, retryable, expected, payload
   summary.json        the counts, the config's identity (no secrets), start/end times
 """
@@ -78,7 +78,14 @@ class Report:
     def batch_done(self, outcomes: list[LeadOutcome]) -> None:
         for o in outcomes:
             if o.delivered:
-                entry = {"key": o.key, "status": o.status, "id": o.lead_id, "source": o.source}
+                entry: dict[str, Any] = {
+                    "key": o.key,
+                    "status": o.status,
+                    "id": o.lead_id,
+                    "source": o.source,
+                }
+                if o.stamps:  # each consent field sent, with its time: what `retry --newer` keeps
+                    entry["consent"] = {k: [o.payload[k], at] for k, at in o.stamps.items() if k in o.payload}
                 if o.reason:  # a bulk import row that imported with Marketo's warning
                     entry["warning"] = o.reason
                 self._write("delivered", entry)
@@ -129,6 +136,22 @@ def outcome_record(o: LeadOutcome) -> dict[str, Any]:
         "payload": o.payload,
         "stamps": o.stamps,
     }
+
+
+def delivered_consent(directory: str | Path, into: dict[str, dict[str, tuple[Any, float]]]) -> None:
+    """Per lead, each consent field a report's run delivered with its consent time, the latest
+    kept (for `retry --newer`: what a newer run sent must not be rolled back). An unreadable line
+    is skipped: it can only make retry send more, never roll back what the file proves."""
+    with open(Path(directory) / "delivered.ndjson", "rb") as f:
+        for line in f:
+            try:
+                rec = orjson.loads(line)
+                known = into.setdefault(rec["key"], {})
+                for name, (value, at) in (rec.get("consent") or {}).items():
+                    if name not in known or float(at) > known[name][1]:
+                        known[name] = (value, float(at))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                continue
 
 
 def read_retryable(directory: str | Path, on_problem: Callable[[str], None]) -> Iterator[dict[str, Any]]:

@@ -35,9 +35,9 @@ from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock
 from didomi_marketo.marketo.schema import fetch_schema
 from didomi_marketo.outcomes import LeadOutcome, LeadUpdate
-from didomi_marketo.plan import Planner
-from didomi_marketo.report import Report, read_retryable
-from didomi_marketo.state import StateLock, StateStore
+from didomi_marketo.plan import Planner, PriorState
+from didomi_marketo.report import Report, delivered_consent, read_retryable
+from didomi_marketo.state import LeadState, StateLock, StateStore
 from didomi_marketo.storage import check_urls
 from didomi_marketo.summary import RunSummary, exit_code, failed_run
 
@@ -589,6 +589,28 @@ def _quota_warning(used: int | None, calls: int, quota: int) -> str | None:
 # retry: start at `deliver` from a report
 
 
+class _NewerReports:
+    """Without a state, the reports of the runs since stand in for it: per lead and field, the
+    latest consent they delivered. A retried field older than that is replaced by it (the
+    planner's one "keep the newer consent" rule), so a revocation is never rolled back."""
+
+    def __init__(self, directories: list[str]):
+        self.delivered: dict[str, dict[str, tuple[Any, float]]] = {}
+        for d in directories:
+            if not (Path(d) / "delivered.ndjson").is_file():
+                raise ConfigError(f"--newer {d}: not a didomi-marketo report (no delivered.ndjson)")
+            delivered_consent(d, self.delivered)
+
+    def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None:
+        return self.delivered.get(key) or None
+
+    def lead(self, key: str) -> LeadState | None:
+        confirmed = self.confirmed(key)
+        if confirmed is None:
+            return None
+        return LeadState(key, confirmed, None, None, None, None, None, None)
+
+
 @_summary_on_failure("retry")
 def run_retry(
     config: Config,
@@ -603,17 +625,20 @@ def run_retry(
     sinks: list[Any] | None = None,
     on_warning: Callable[[str], None] | None = None,
     force: bool = False,
+    newer: list[str] | None = None,
 ) -> RunResult:
     """Re-send exactly the retryable leads of an earlier report, with the same engine.
 
     Without a state, nothing tells whether a newer sync has since delivered newer consent for
-    these leads (re-sending would roll a revocation back): refused unless `force`."""
+    these leads (re-sending would roll a revocation back): the reports of those newer runs
+    (`newer`) stand in for it; with neither, refused unless `force`."""
     options = replace(options or SyncOptions(paths=[]), dry_run=dry_run or bool(options and options.dry_run))
-    if not options.state and not options.dry_run and not force:
+    if not options.state and not newer and not options.dry_run and not force:
         raise ConfigError(
             f"retry {report_dir}: without the state, a newer sync's consent cannot be told from this "
             "report's older payloads, and re-sending them could roll a revocation back; pass --state "
-            "FILE (the one your syncs use), or --force to re-send anyway"
+            "FILE (the one your syncs use), --newer REPORT (the reports of the runs since), or --force "
+            "to re-send anyway"
         )
     refuse_bulk(config, options.via)
     started = time.time()
@@ -632,11 +657,14 @@ def run_retry(
     with open_state(options) as store:
         if store is not None and credentials is not None and not options.dry_run:
             store.bind_instance(credentials.base_url)
+        prior: PriorState | None = store
+        if store is None and newer:
+            prior = _NewerReports(newer)
         planner = Planner(
             config.mappings,
             FoldSchema.from_mappings(config.mappings),
             config.lookup_field,
-            store,
+            prior,
             config.action,
         )
         planner.pending = set()  # retry sends the report's leads, not the state's other pending ones

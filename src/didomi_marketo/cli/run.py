@@ -149,6 +149,13 @@ def retry(
     wait_lock: WaitLockOpt = 0.0,
     via: ViaOpt = "auto",
     bulk_threshold: BulkThresholdOpt = DEFAULT_BULK_THRESHOLD,
+    newer: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--newer",
+            help="Without --state: a report of a later run; its newer consent is kept (repeatable).",
+        ),
+    ] = None,
     force: Annotated[
         bool,
         typer.Option("--force", help="Re-send without a state, even if a newer sync sent newer consent."),
@@ -174,7 +181,7 @@ def retry(
         result = run_retry(
             cfg, str(report_dir), make_report(report, False), dry_run=dry_run,
             credentials=credentials, options=options, on_progress=progress.update, on_warning=print_warning,
-            force=force,
+            force=force, newer=[str(d) for d in newer or []],
         )  # fmt: skip
     finish(result, quiet)
 
