@@ -154,7 +154,9 @@ def test_auto_picks_bulk_at_the_threshold_and_lead_ids_import_update_only(sandbo
     ids = sb.seed_leads([{"email": f"lead{i}@example.com"} for i in range(10)])
     unknown = [str(max(ids) + 1000 + i) for i in range(5)]
     data = write_ndjson(tmp_path / "users.ndjson", users(15, key=lambda i: ([*map(str, ids), *unknown])[i]))
-    cfg = config(tmp_path, sb, properties={"user_identifier": ["leadID"]}, mappings=MAPPINGS[:2])
+    # Batches of one lead make Sync Leads the costlier path (15 calls against 3 field sets' uploads).
+    cfg = config(tmp_path, sb, properties={"user_identifier": ["leadID"]}, mappings=MAPPINGS[:2],
+                 delivery={**FAST_POLLS, "batch_size": 1})  # fmt: skip
     result = cli("sync", data, "-c", cfg, "--bulk-threshold", "15", "--report", tmp_path / "r", env=ENV)
     assert result.exit_code == 0, result.output  # ids that are no lead: expected skips, as via REST
     d = json.loads((tmp_path / "r" / "summary.json").read_text())["delivery"]
@@ -168,6 +170,19 @@ def test_auto_picks_bulk_at_the_threshold_and_lead_ids_import_update_only(sandbo
     assert below.exit_code == 0
     d2 = json.loads((tmp_path / "r2" / "summary.json").read_text())["delivery"]
     assert d2["path"] == "rest" and "--bulk-threshold 16" in d2["path_reason"]
+
+
+def test_auto_keeps_sync_leads_when_field_sets_would_cost_more_uploads(sandbox_factory, tmp_path, cli):
+    """Past the threshold, but the leads carry 4 sets of fields: bulk would spend ~12 calls (an
+    upload and polls per set) where Sync Leads spends 1, so `auto` stays on Sync Leads, says why."""
+    sb = sandbox_factory(bulk_queued_seconds=0, bulk_import_seconds=0)
+    data = write_ndjson(tmp_path / "users.ndjson", users(40))
+    cfg = config(tmp_path, sb, upsert_mode=True)
+    result = cli("sync", data, "-c", cfg, "--bulk-threshold", "10", "--report", tmp_path / "r", env=ENV)
+    assert result.exit_code == 0, result.output
+    d = json.loads((tmp_path / "r" / "summary.json").read_text())["delivery"]
+    assert d["path"] == "rest" and "4 different sets of fields" in d["path_reason"], d["path_reason"]
+    assert sb.stats()["bulk_uploads"] == 0 and d["calls"] == 1 and len(sb.leads()) == 40
 
 
 def test_a_full_bulk_queue_1016_is_waited_out_and_nothing_is_dropped(sandbox_factory, tmp_path, cli):
