@@ -10,7 +10,7 @@ from conftest import event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from didomi_marketo.didomi.fold import LATEST, SRC_LINE, SRC_PATH, Fold, FoldSchema, normalise_key
+from didomi_marketo.didomi.fold import Fold, FoldSchema, latest, normalise_key, source
 from didomi_marketo.didomi.records import Observation, observations
 from didomi_marketo.mapping import FieldMapping, parse_property
 
@@ -171,8 +171,8 @@ def test_latest_is_the_max_applied_timestamp():
         ev(A, "2026-01-03T00:00:00Z", {"other": True}), ev(A, "2026-01-01T00:00:00Z", {"newsletter": True})
     )
     (state,) = run.states().values()
-    assert state[LATEST] == datetime(2026, 1, 3, tzinfo=UTC).timestamp()
-    assert (state[SRC_PATH], state[SRC_LINE]) == ("in.ndjson", 2)  # the last record read
+    assert latest(state) == int(datetime(2026, 1, 3, tzinfo=UTC).timestamp()) * 10**9
+    assert source(state) == "in.ndjson:2"  # the last record read
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,11 +495,11 @@ def reference(corpus) -> dict[str, dict[str, Any]]:
     return {k: {n: v for n, (_, v) in props.items()} for k, props in best.items()}
 
 
-def reference_latest(corpus) -> dict[str, float]:
-    out: dict[str, float] = {}
+def reference_latest(corpus) -> dict[str, int]:
+    out: dict[str, int] = {}
     for _, kind, key, seconds, _ in corpus:
         if kind not in ("pending", "cpra"):
-            out[key] = max(out.get(key, -1), (EPOCH + timedelta(seconds=seconds)).timestamp())
+            out[key] = max(out.get(key, -1), int((EPOCH + timedelta(seconds=seconds)).timestamp()) * 10**9)
     return out
 
 
@@ -511,8 +511,8 @@ def test_any_order_and_chunking_folds_to_the_reference(corpus, data):
     run = Run(spill=threshold).feed(*[rec for *_, rec in order])
     try:
         assert run.leads() == reference(corpus)
-        latest = {k: s[LATEST] for k, s in run.states().items()}
-        assert latest == reference_latest(corpus)
+        latest_ = {k: latest(s) for k, s in run.states().items()}
+        assert latest_ == reference_latest(corpus)
         assert run.fold.stats.pending == sum(1 for c in corpus if c[1] == "pending")
         assert run.fold.stats.other_regulation == sum(1 for c in corpus if c[1] == "cpra")
     finally:

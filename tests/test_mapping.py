@@ -15,6 +15,7 @@ from didomi_marketo.mapping import (
     DATETIME,
     STRING,
     FieldMapping,
+    Malformed,
     Reading,
     classify_value,
     parse_property,
@@ -191,12 +192,50 @@ def test_nested_null_channel_is_no_value():
         ({"id": "newsletter", "enabled": False}, False),
         ({"id": "newsletter", "enabled": None}, None),
         ({"id": "newsletter"}, None),
-        ({"id": "newsletter", "enabled": "true"}, None),
         ({"id": "other", "enabled": True}, None),
+        ({"id": "other", "enabled": "yes"}, None),  # a purpose the property does not read
     ],
 )
 def test_purpose_enabled(purpose, expected):
     assert extract("consents_purposes_newsletter_enabled", [purpose]) is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "consents", "where"),
+    [
+        (
+            "consents_purposes_newsletter_enabled",
+            {"purposes": [{"id": "newsletter", "enabled": "true"}]},
+            "consents.purposes[newsletter].enabled",
+        ),
+        (
+            "consents_purposes_newsletter_enabled_li",
+            {"purposes": [{"id": "newsletter", "enabled_li": 0}]},
+            "consents.purposes[newsletter].enabled_li",
+        ),
+        (
+            "consents_channels_email_enabled",
+            {"channels": [{"id": "email", "enabled": "yes"}]},
+            "consents.channels[email].enabled",
+        ),
+        (
+            "consents_purposes_p_preferences_q_channel_c_enabled",
+            {
+                "purposes": [
+                    {"id": "p", "preferences": [{"id": "q", "channels": [{"id": "c", "enabled": 1}]}]}
+                ]
+            },
+            "consents.purposes[p].preferences[q].channels[c].enabled",
+        ),
+    ],
+)
+def test_malformed_consent_flag_raises_naming_the_field(name, consents, where):
+    prop = parse_property(name)
+    purposes = {p["id"]: p for p in consents.get("purposes", [])}
+    for reader in (prop.extract, prop.compile()):
+        with pytest.raises(Malformed) as e:
+            reader(purposes, consents, {})
+        assert str(e.value).startswith(where + " is ")
 
 
 def test_purpose_enabled_li_reads_enabled_li_not_enabled():

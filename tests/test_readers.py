@@ -23,6 +23,7 @@ from didomi_marketo.didomi.readers import (
     InputFile,
     LinedDocument,
     Problem,
+    Skipped,
     discover,
     read_records,
     sniff_json,
@@ -384,8 +385,12 @@ def test_complete_partition_reads_only_json_gz(tmp_path, success):
     users = partition(tmp_path, success)
     items = list(discover([str(tmp_path / "exp")]))
     assert displays(items) == [str(users / "part-00000.json.gz"), str(users / "part-00001.json.gz")]
-    assert all(isinstance(i, InputFile) for i in items)
-    assert {i.partition for i in items} == {str(users)}
+    # The rest is not read, but named: never silently dropped.
+    assert sorted(i.path for i in items if isinstance(i, Skipped)) == [
+        str(users / n) for n in ("notes.txt", "part-00002.json", "part-00003.ndjson")
+    ]
+    assert all(isinstance(i, InputFile | Skipped) for i in items)
+    assert {i.partition for i in items if isinstance(i, InputFile)} == {str(users)}
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,11 @@ from conftest import SAMPLES, event, make_config, write_ndjson
 
 from didomi_marketo.check import BLOCKING_KINDS, ERROR, WARNING, schema_problems
 from didomi_marketo.config import load_config
+from didomi_marketo.didomi.fold import stamp_from_json
 from didomi_marketo.mapping import FieldMapping, parse_property, parse_transforms
 from didomi_marketo.marketo.schema import normalise_fields
 from didomi_marketo.preview import compare_mappings, run_preview
+from didomi_marketo.state import LeadState
 
 DESCRIBE = json.loads((Path(__file__).parent.parent / "src/didomi_marketo/data/describe.json").read_text())[
     "result"
@@ -274,13 +276,16 @@ def test_preview_refuses_configs_with_different_identifiers(data, tmp_path, cli)
 
 
 class FakeState:
-    """Only `confirmed(key)`: the compare must not need more of the state store."""
+    """Only `lead(key)`: the compare must not need more of the state store."""
 
     def __init__(self, confirmed: dict[str, dict[str, tuple[Any, float]]]):
         self.data = confirmed
 
-    def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None:
-        return self.data.get(key)
+    def lead(self, key: str) -> LeadState | None:
+        if key not in self.data:
+            return None
+        confirmed = {k: (v, stamp_from_json(t)) for k, (v, t) in self.data[key].items()}
+        return LeadState(key, confirmed, None, None, None, None, None, None, {})
 
 
 def test_preview_against_confirmed_state_diffs_like_the_next_sync(tmp_path):

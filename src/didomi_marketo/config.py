@@ -50,7 +50,10 @@ DIDOMI_ENVELOPE_KEYS = {
     "id", "organization_id", "name", "description", "created_at", "updated_at", "version",
     "enabled", "status", "type", "deleted_at",
 }  # fmt: skip
-TOP_KEYS = {"type_id", "authentication", "properties", "mappings", "upsert_mode", "state", "delivery"}
+TOP_KEYS = {
+    "type_id", "authentication", "properties", "mappings", "upsert_mode", "state", "delivery", "deletions",
+}  # fmt: skip
+DELETIONS = ("ignore", "revoke")  # what a user.deleted does to the lead (README: Consent semantics)
 AUTH_KEYS = {"client_id", "client_secret", "instance"}
 PROPERTY_KEYS = {"user_identifier", "regulations"}
 MAPPING_KEYS = {"id", "value", "transform"}
@@ -103,6 +106,7 @@ class Config:
     regulations: frozenset[str]
     state: str | None = None
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    deletions: str = "ignore"  # user.deleted: "ignore" (counted, warned) or "revoke" (no consent)
     _auth: dict[str, Any] = field(default_factory=dict, repr=False)
     _lines: dict[tuple, int] = field(default_factory=dict, repr=False)
 
@@ -165,6 +169,7 @@ class Config:
             "action": self.action,
             "upsert_mode": self.upsert,
             "regulations": sorted(self.regulations),
+            "deletions": self.deletions,
             "mappings": [
                 {"id": m.field, "value": m.source.name if m.source else None}
                 | ({"transform": [t.describe() for t in m.transforms]} if m.transforms else {})
@@ -479,6 +484,10 @@ def _validate(path: str, data: Any, lines: dict[tuple, int]) -> Config:
         p.add(("state",), "must be a file path")
         state = None
     delivery = _delivery(data.get("delivery") or {}, p)
+    deletions = data.get("deletions", "ignore")
+    if deletions not in DELETIONS:
+        p.add(("deletions",), f"must be one of {', '.join(DELETIONS)}, not {deletions!r}")
+        deletions = "ignore"
 
     if p.items:
         raise ConfigError(p.items)
@@ -490,6 +499,7 @@ def _validate(path: str, data: Any, lines: dict[tuple, int]) -> Config:
         regulations=frozenset(r.lower() for r in regulations),
         state=state,
         delivery=delivery,
+        deletions=deletions,
         _auth={k: auth.get(k) for k in AUTH_KEYS},
         _lines=lines,
     )

@@ -29,6 +29,7 @@ from didomi_marketo.didomi.readers import (
     IncompletePartition,
     InputFile,
     Problem,
+    Skipped,
     open_binary,
     read_records,
     sniff_json,
@@ -237,7 +238,7 @@ def _records_of(config: Config, paths: list[str], keys: set[str], allow_incomple
     last_raw: Any = None
     last_key: str | None = None
     for item in discover_all(paths, allow_incomplete):
-        if isinstance(item, Problem | IncompletePartition):
+        if isinstance(item, Problem | IncompletePartition | Skipped):
             continue  # `sync` reports these; explain follows the records that can reach the key
         if item.walked and not sniff_json(item):
             continue

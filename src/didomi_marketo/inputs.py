@@ -25,6 +25,7 @@ from didomi_marketo.didomi.readers import (
     IncompletePartition,
     InputFile,
     Problem,
+    Skipped,
     discover,
     read_records,
     sniff_json,
@@ -39,7 +40,8 @@ from didomi_marketo.storage import check_urls, discover_url, is_url
 @dataclass
 class InputStats:
     files: int = 0
-    files_skipped: int = 0  # not JSON (READMEs...), or not a regular file (a FIFO...), in a folder
+    files_skipped: int = 0  # not JSON (READMEs...), not a regular file (a FIFO...), not data in a partition
+    skipped_files: list[str] = field(default_factory=list)  # their names (the first 1,000)
     files_unchanged: int = 0  # skipped: unchanged since the state recorded them
     records: int = 0
     partitions_refused: list[str] = field(default_factory=list)
@@ -48,7 +50,7 @@ class InputStats:
 
 def discover_all(
     paths: list[str], allow_incomplete: bool = False, window: DateWindow = ALL_DATES
-) -> Iterator[InputFile | Problem | IncompletePartition]:
+) -> Iterator[InputFile | Problem | IncompletePartition | Skipped]:
     """Local paths and `s3://` / `gs://` URLs, in command-line order, into the same items.
     Raises ConfigError, before anything is read, for a URL whose extra is not installed."""
     check_urls(paths)
@@ -100,8 +102,16 @@ def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: Input
                 unchanged.forget(item)  # not read: the next run must try it again
 
 
-def _reject_item(fold: Fold, item: Problem | IncompletePartition, stats: InputStats) -> None:
-    if isinstance(item, Problem):
+def _skipped(stats: InputStats, name: str) -> None:
+    stats.files_skipped += 1
+    if len(stats.skipped_files) < 1000:
+        stats.skipped_files.append(name)
+
+
+def _reject_item(fold: Fold, item: Problem | IncompletePartition | Skipped, stats: InputStats) -> None:
+    if isinstance(item, Skipped):  # not data (in a partition): counted and named, not an error
+        _skipped(stats, item.path)
+    elif isinstance(item, Problem):
         if item.denied:
             stats.access_denied.append(item.path)
         fold.reject("rejected", item.path, item.line, item.reason)
@@ -114,7 +124,7 @@ def _wanted(item: InputFile, stats: InputStats, unchanged: InputFilter | None) -
     # Inside a Didomi partition every *.json.gz is data: no need to open it to decide (an
     # unchanged remote partition is then skipped without a single read).
     if item.walked and item.partition is None and not sniff_json(item):
-        stats.files_skipped += 1
+        _skipped(stats, item.display)
         return False
     if unchanged is not None and not unchanged(item):
         return False
@@ -167,11 +177,13 @@ _worker: tuple[Fold, str, int] | None = None
 
 
 def _start_worker(schema: FoldSchema, identifier: str, regulations: frozenset[str], spill: int,
-                  scratch: str, max_line_bytes: int) -> None:  # fmt: skip
+                  scratch: str, max_line_bytes: int, deletions: str) -> None:  # fmt: skip
     global _worker
     # Ctrl-C reaches the whole process group: the parent stops the workers, they need not trace.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    template = Fold(schema, identifier, regulations, lambda *a: None, spill_threshold=spill)
+    template = Fold(
+        schema, identifier, regulations, lambda *a: None, spill_threshold=spill, deletions=deletions
+    )
     _worker = (template, scratch, max_line_bytes)
 
 
@@ -181,7 +193,7 @@ def _fold_one_file(index: int, item: InputFile) -> _FileResult:
     issues: list[tuple[str, str, int, str, Any]] = []
     fold = Fold(template.schema, template.identifier, template.regulations,
                 lambda *issue: issues.append(issue), spill_threshold=template.spill_threshold,
-                scratch_dir=scratch)  # fmt: skip
+                scratch_dir=scratch, deletions=template.deletions)  # fmt: skip
     stats = InputStats()
     out = os.path.join(scratch, f"file-{index}.pickle")
     try:
@@ -199,7 +211,7 @@ def _fold_one_file(index: int, item: InputFile) -> _FileResult:
     return _FileResult(out, issues, fold.stats, stats, read)
 
 
-def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompletePartition], stats: InputStats,
+def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompletePartition | Skipped], stats: InputStats,
                    unchanged: InputFilter | None, jobs: int,
                    on_start: Callable[[list[InputFile]], None] | None,
                    check: Callable[[], None] | None, max_line_bytes: int) -> None:  # fmt: skip
@@ -209,7 +221,15 @@ def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompleteParti
         # A worker's fold spills past the same threshold as the parent's: a file under it is
         # folded in memory (spilling it cost a sixth more CPU than reading it on one core).
         spill = fold.spill_threshold
-        args = (fold.schema, fold.identifier, fold.regulations, spill, scratch, max_line_bytes)
+        args = (
+            fold.schema,
+            fold.identifier,
+            fold.regulations,
+            spill,
+            scratch,
+            max_line_bytes,
+            fold.deletions,
+        )
         with context.Pool(jobs, initializer=_start_worker, initargs=args) as pool:
             if on_start is not None:
                 on_start([i for i in items if isinstance(i, InputFile)])
@@ -232,7 +252,7 @@ def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompleteParti
                 _merge_next(fold, items, pending, stats, unchanged)
 
 
-def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartition],
+def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartition | Skipped],
                 pending: deque[tuple[int, Any]], stats: InputStats,
                 unchanged: InputFilter | None) -> int:  # fmt: skip
     """Merge the oldest pending item into the fold; 1 if it was a file read by a worker."""
@@ -247,6 +267,8 @@ def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartitio
         fold.on_issue(*issue)
     _add_counts(fold.stats, done.fold)
     stats.records += done.inputs.records
+    for name in done.inputs.skipped_files:
+        _skipped(stats, name)
     stats.access_denied.extend(done.inputs.access_denied)
     if not done.read and unchanged is not None:
         unchanged.forget(items[index])  # type: ignore[arg-type]
@@ -281,6 +303,7 @@ def build_fold(
         config.regulations,
         on_issue,
         spill_threshold=spill_threshold,
+        deletions=config.deletions,
     )
 
 

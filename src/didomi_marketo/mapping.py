@@ -34,6 +34,20 @@ GRAMMAR_HELP = (
 BOOLEAN, STRING, DATETIME = "boolean", "string", "datetime"
 
 
+class Malformed(ValueError):
+    """A consent flag that is neither a boolean nor null (`"false"`, `0`, `"yes"`): the record
+    is rejected, never read as "no choice" (that would drop a person's choice without a trace)."""
+
+    def __init__(self, where: str, value: Any):
+        self.where, self.value = where, value
+        super().__init__(f"{where} is {_show(value)}, not true, false or null")
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) else f'"{value}"'
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
     """One way to read a property name: a path into the Didomi consents or user object."""
@@ -60,6 +74,7 @@ class Property:
 
     def extract(self, purposes: dict[str, dict] | None, consents: dict, user: dict) -> Any:
         """The value this record gives the property, or None when it says nothing about it.
+        Raises Malformed for a consent flag that is neither a boolean nor null.
 
         The first reading whose ids exist in the record wins, so `a_preferences_b_channel_c_enabled`
         is the nested preference when purpose `a` has preference `b`, else purpose
@@ -70,8 +85,11 @@ class Property:
             if kind == "purpose_enabled" or kind == "purpose_enabled_li":
                 p = purposes.get(r.purpose) if purposes else None
                 if p is not None:
-                    v = p.get("enabled" if kind == "purpose_enabled" else "enabled_li")
-                    return v if isinstance(v, bool) else None
+                    name = "enabled" if kind == "purpose_enabled" else "enabled_li"
+                    v = p.get(name)
+                    if v is True or v is False or v is None:
+                        return v
+                    raise Malformed(f"consents.purposes[{r.purpose}].{name}", v)
             elif kind == "purpose_values":
                 p = purposes.get(r.purpose) if purposes else None
                 if p is not None:
@@ -86,12 +104,17 @@ class Property:
                         ch = _find_by_id(pref.get("channels"), r.channel)
                         if ch is not None:
                             v = ch.get("enabled")
-                            return v if isinstance(v, bool) else None
+                            if v is True or v is False or v is None:
+                                return v
+                            where = f"consents.purposes[{r.purpose}].preferences[{r.preference}]"
+                            raise Malformed(f"{where}.channels[{r.channel}].enabled", v)
             elif kind == "channel_enabled":
                 ch = _find_by_id(consents.get("channels"), r.channel)
                 if ch is not None:
                     v = ch.get("enabled")
-                    return v if isinstance(v, bool) else None
+                    if v is True or v is False or v is None:
+                        return v
+                    raise Malformed(f"consents.channels[{r.channel}].enabled", v)
             elif kind == "user_field":
                 v = user.get(r.key)
                 return v if isinstance(v, str) and v else None
@@ -120,7 +143,9 @@ class Property:
                     p = purposes.get(purpose)
                     if p is not None:
                         v = p.get("enabled")
-                        return v if v is True or v is False else None
+                        if v is True or v is False or v is None:
+                            return v
+                        raise Malformed(f"consents.purposes[{purpose}].enabled", v)
                 return None
 
             return enabled

@@ -21,7 +21,7 @@ class LeadUpdate:
     key: str
     payload: dict[str, Any]
     source: str  # "path:line" of the latest record that touched the lead
-    stamps: dict[str, float] = field(default_factory=dict)  # field -> consent timestamp
+    stamps: dict[str, tuple[float, float]] = field(default_factory=dict)  # field -> consent (time, version)
 
 
 def payload_hash(fields: dict[str, Any]) -> str:
@@ -42,7 +42,7 @@ class LeadOutcome:
     retryable: bool = False
     expected: bool = False  # an expected skip (1004 under updateOnly)
     lead_id: int | None = None
-    stamps: dict[str, float] = field(default_factory=dict)
+    stamps: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def delivered(self) -> bool:

@@ -11,24 +11,18 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from didomi_marketo.config import Config
-from didomi_marketo.didomi.fold import NEVER, SPILL_THRESHOLD
+from didomi_marketo.didomi.fold import SPILL_THRESHOLD, Stamp
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.inputs import InputStats, build_fold, read_into
 from didomi_marketo.mapping import FieldMapping, classify_value, describe_mapping
-from didomi_marketo.plan import Planner
+from didomi_marketo.plan import Planner, PriorState, keep_newer
 from didomi_marketo.report import IGNORED
 
 DEFAULT_SAMPLES = 5
 REJECTION_EXAMPLES = 10
-
-
-class ConfirmedValues(Protocol):
-    """What Marketo last confirmed per lead: `state.StateStore` or any object with this method."""
-
-    def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +213,7 @@ def run_preview(
     paths: list[str],
     *,
     old: Config | None = None,
-    confirmed: ConfirmedValues | None = None,
+    confirmed: PriorState | None = None,
     limit: int = DEFAULT_SAMPLES,
     allow_incomplete: bool = False,
     on_lead: Callable[[LeadDiff], None] | None = None,
@@ -228,8 +222,8 @@ def run_preview(
     """Read, fold and map `paths` under `new` without sending anything (no credentials).
 
     With `old`, every lead is also mapped under the old config and compared field by field;
-    with `confirmed` (any object with the state store's `confirmed(key)`), the new values are
-    compared with what Marketo last confirmed, as the next sync would (a newer confirmed value
+    with `confirmed` (the state store, or any object with its `lead(key)`), the new values are
+    compared with what Marketo last confirmed, as the next sync would (a newer known consent
     is kept); when it is a whole state store (`lead()`, `pending_keys()`...), sync's own Planner
     also counts what the next sync would send (`would_send`, pending re-sends included).
     `on_lead` sees every lead's diff (for CSV output); samples keep `limit` of them.
@@ -262,10 +256,14 @@ def run_preview(
             changed.setdefault(name, 0)
 
     def one_lead(
-        key: str, after: dict[str, Any], stamps: dict[str, float], before: dict[str, Any] | None
+        key: str, after: dict[str, Any], stamps: dict[str, Stamp], before: dict[str, Any] | None
     ) -> None:
-        if confirmed is not None:  # may keep a newer confirmed value in `after`, as sync does
-            before = _confirmed_before(confirmed.confirmed(key), after, stamps, result)
+        if confirmed is not None:  # may keep a newer known consent in `after`, as sync does
+            prior = confirmed.lead(key)
+            before = {}
+            if prior is not None:
+                result.kept_newer += keep_newer(prior.known(), after, stamps)
+                before = {n: prior.confirmed[n][0] for n in after if n in prior.confirmed}
         result.leads += 1
         if after:
             result.to_send += 1
@@ -352,29 +350,6 @@ def run_preview(
     result.records = inputs.records
     result.samples = samples.result()
     return result
-
-
-def _confirmed_before(
-    confirmed: dict[str, tuple[Any, float]] | None,
-    after: dict[str, Any],
-    stamps: dict[str, float],
-    result: PreviewResult,
-) -> dict[str, Any]:
-    """What Marketo holds for the fields the new config sends; like `Planner`, a confirmed value
-    with a newer consent than the input's is kept (so it is no change)."""
-    before: dict[str, Any] = {}
-    if not confirmed:
-        return before
-    for name in list(after):
-        entry = confirmed.get(name)
-        if entry is None:
-            continue
-        value, ts = entry
-        before[name] = value
-        if ts > stamps.get(name, NEVER):
-            result.kept_newer += 1
-            after[name] = value
-    return before
 
 
 def change_rows(diff: LeadDiff) -> Iterator[tuple[str, str, Any, Any]]:

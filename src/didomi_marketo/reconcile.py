@@ -28,7 +28,7 @@ import orjson
 
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Config
 from didomi_marketo.deliver import DeliveryStats
-from didomi_marketo.didomi.fold import LATEST, NEVER, SRC_LINE, SRC_PATH, format_timestamp, parse_timestamp
+from didomi_marketo.didomi.fold import NEVER, Stamp, format_timestamp, latest, parse_timestamp, source
 from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
 from didomi_marketo.explain import consent_time, trace, wall_clock
 from didomi_marketo.inputs import InputStats, build_fold, read_into
@@ -55,7 +55,7 @@ class ReconcileOptions:
     paths: list[str]  # empty: compare with the state's confirmed values
     state: str | None = None
     fix: bool = False
-    since: float | None = None  # only leads whose consent changed after this (epoch seconds)
+    since: int | None = None  # only leads whose consent changed after this (epoch nanoseconds)
     daily_quota: int = DEFAULT_DAILY_QUOTA
     allow_incomplete: bool = False
     rate_window: float = RATE_WINDOW_SECONDS
@@ -68,7 +68,7 @@ class Expected:
 
     key: str
     fields: dict[str, Any]
-    stamps: dict[str, Any]  # field -> consent stamp, as the fold and the state keep it
+    stamps: dict[str, Stamp]
     source: str  # path:line of the latest record of the lead, or "state"
     confirmed: bool = False  # the state says Marketo confirmed this lead
 
@@ -81,7 +81,7 @@ class ReconcileResult:
     fatal: str | None = None
 
 
-def parse_since(value: str) -> float:
+def parse_since(value: str) -> int:
     """--since: an ISO 8601 date or time (UTC when no offset is given)."""
     ts = parse_timestamp(value.strip())
     if ts is None:
@@ -105,28 +105,27 @@ def _from_inputs(config: Config, options: ReconcileOptions, report: Report, stor
                 continue
             prior = store.lead(key) if store is not None else None
             if prior is not None:
-                keep_newer(prior.confirmed, fields, stamps)  # an old file never outranks the state
-            if options.since is not None and state[LATEST] <= options.since:
+                keep_newer(prior.known(), fields, stamps)  # an old file never outranks the state
+            last = max([latest(state), *(t[0] for t in stamps.values())])
+            if options.since is not None and last <= options.since:
                 continue
-            source = f"{state[SRC_PATH]}:{state[SRC_LINE]}"
-            yield Expected(key, fields, stamps, source, bool(prior is not None and prior.confirmed))
+            yield Expected(key, fields, stamps, source(state), bool(prior is not None and prior.confirmed))
     finally:
         fold.close()
 
 
 def _from_state(config: Config, options: ReconcileOptions, store: StateStore) -> Iterator[Expected]:
     mapped = {m.field for m in config.mappings}
-    for rec in store.export():
-        fields = {k: v for k, v in rec["confirmed"].items() if k in mapped}
+    for lead in store.leads():
+        fields = {k: v[0] for k, v in lead.confirmed.items() if k in mapped}
         if not fields:
             continue
-        stamps = {k: v for k, v in rec["consent_timestamps"].items() if k in fields}
-        times = [t[0] if isinstance(t, list | tuple) else t for t in stamps.values()]
-        if options.since is not None and max(times, default=NEVER) <= options.since:
+        stamps = {k: v[1] for k, v in lead.confirmed.items() if k in fields}
+        if options.since is not None and max((s[0] for s in stamps.values()), default=NEVER) <= options.since:
             continue
-        at = rec["confirmed_at"]
-        source = f"state (confirmed {wall_clock(at)})" if at else "state"
-        yield Expected(rec["key"], fields, stamps, source, True)
+        at = lead.confirmed_at
+        where = f"state (confirmed {wall_clock(at)})" if at else "state"
+        yield Expected(lead.key, fields, stamps, where, True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,11 +31,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("  ignored: pending approval", inp["ignored"]["pending"]),
         ("  ignored: other regulation", inp["ignored"]["other_regulation"]),
         ("  ignored: deleted", inp["ignored"]["deleted"]),
+        ("  user.deleted (warning)", f"{inp['user_deletions']} ({inp['revoked']} revoked)"),
         ("leads folded", leads["folded"]),
         ("  nothing mapped to send", leads["nothing_to_send"]),
     ]
     if leads.get("unchanged"):
         rows.append(("  unchanged since last sync", leads["unchanged"]))
+    if leads.get("rechecked"):
+        rows.append(("  re-checked skipped leads", leads["rechecked"]))
     rows.append(("leads to send", leads["to_send"]))
     d = summary.get("delivery")
     if d:

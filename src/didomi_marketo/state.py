@@ -3,12 +3,18 @@
 SQLite in WAL mode, committed once per delivered batch, so a run killed at any moment (kill -9
 included) loses at most the batches in flight: the next run re-sends only those.
 
-Per lead key:
-  confirmed     {field: [value, consent timestamp]} Marketo last confirmed (created/updated)
+Per lead key (a stamp is `[time, version]` in nanoseconds, see didomi/fold.py):
+  confirmed     {field: [value, stamp]} Marketo last confirmed (created/updated)
+  known         {field: [value, stamp]} the newest consent ever planned for the lead, whatever
+                became of it (delivered, pending, skipped): an older record read later never
+                overwrites it, and a lead Marketo skipped keeps its consent history
   pending       the payload of a lead that failed retryably (or was stopped by the quota):
                 re-sent by the next sync even if no input mentions the lead again
   skipped_hash  hash of a payload Marketo skipped for a permanent reason (1004, 1006...):
-                not re-sent until the lead's values change
+                not re-sent until the lead's values change (1004/1007: until seen again)
+
+States written before stamps had nanoseconds and versions hold bare seconds; they are read as
+such (`stamp_from_json`), and a missing `known` column is added on the first write.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from typing import Any
 
 import orjson
 
+from didomi_marketo.didomi.fold import NEVER, Stamp, format_timestamp, stamp_from_json
 from didomi_marketo.didomi.readers import InputFile
 from didomi_marketo.errors import ConfigError, FatalError, LockHeld
 from didomi_marketo.marketo.redact import redact
 from didomi_marketo.outcomes import LeadOutcome, payload_hash
+from didomi_marketo.plan import newest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leads (
@@ -43,7 +51,8 @@ CREATE TABLE IF NOT EXISTS leads (
     skipped_hash TEXT,
     skipped_code TEXT,
     skipped_reason TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    known BLOB
 );
 CREATE INDEX IF NOT EXISTS leads_pending ON leads(key) WHERE pending IS NOT NULL;
 CREATE TABLE IF NOT EXISTS inputs (
@@ -67,13 +76,34 @@ BLOCK = 65536
 @dataclass
 class LeadState:
     key: str
-    confirmed: dict[str, tuple[Any, float]]
+    confirmed: dict[str, tuple[Any, Stamp]]
     confirmed_at: float | None
-    pending: dict[str, Any] | None
+    pending: dict[str, Any] | None  # {"payload": {...}, "stamps": {field: stamp}}
     pending_reason: str | None
     skipped_hash: str | None
     skipped_code: str | None
     skipped_reason: str | None
+    known_values: dict[str, tuple[Any, Stamp]]
+
+    def known(self) -> dict[str, tuple[Any, Stamp]]:
+        """The newest known consent per field: confirmed, planned (known) or pending, newest wins."""
+        pending: dict[str, tuple[Any, Stamp]] = {}
+        if self.pending:
+            stamps = self.pending.get("stamps") or {}
+            pending = {
+                k: (v, stamp_from_json(stamps[k])) for k, v in self.pending["payload"].items() if k in stamps
+            }
+        return newest(self.confirmed, self.known_values, pending)
+
+
+def _entries(blob: bytes | None) -> dict[str, tuple[Any, Stamp]]:
+    return {k: (v[0], stamp_from_json(v[1])) for k, v in orjson.loads(blob).items()} if blob else {}
+
+
+def _merged(existing: bytes | None, fields: dict[str, Any], stamps: dict[str, Any]) -> bytes:
+    """`existing` ({field: [value, stamp]}) with the newer of each field of `fields` merged in."""
+    merged = newest(_entries(existing), {k: (v, stamp_from_json(stamps[k])) for k, v in fields.items()})
+    return orjson.dumps(merged)
 
 
 class StateStore:
@@ -94,6 +124,11 @@ class StateStore:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at each commit
                 self.db.executescript(SCHEMA)
+                columns = {r[1] for r in self.db.execute("PRAGMA table_info(leads)")}
+                if "known" not in columns:  # a state written before skipped leads kept consent
+                    self.db.execute("ALTER TABLE leads ADD COLUMN known BLOB")
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(leads)")}
+            self._known_column = "known" if "known" in columns else "NULL"
         except sqlite3.Error as e:
             raise FatalError(f"{self.path}: not a usable didomi-marketo state file ({e})") from None
 
@@ -105,28 +140,33 @@ class StateStore:
     def lead(self, key: str) -> LeadState | None:
         row = self.db.execute(
             "SELECT key, confirmed, confirmed_at, pending, pending_reason, skipped_hash, skipped_code,"
-            " skipped_reason FROM leads WHERE key = ?",
+            f" skipped_reason, {self._known_column} FROM leads WHERE key = ?",
             (key,),
         ).fetchone()
         if row is None:
             return None
-        confirmed = {k: (v[0], v[1]) for k, v in orjson.loads(row[1]).items()} if row[1] else {}
         pending = orjson.loads(row[3]) if row[3] else None
-        return LeadState(row[0], confirmed, row[2], pending, row[4], row[5], row[6], row[7])
+        return LeadState(
+            row[0], _entries(row[1]), row[2], pending, row[4], row[5], row[6], row[7], _entries(row[8])
+        )
 
-    def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None:
-        lead = self.lead(key)
-        return lead.confirmed if lead else None
+    def skipped_keys(self, codes: tuple[str, ...]) -> set[str]:
+        """Leads Marketo last skipped with one of `codes` (for --recheck-skipped)."""
+        marks = ", ".join("?" * len(codes))
+        return {
+            r[0] for r in self.db.execute(f"SELECT key FROM leads WHERE skipped_code IN ({marks})", codes)
+        }
 
     def pending_keys(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM leads WHERE pending IS NOT NULL")}
 
-    def pending_payloads(self, keys: set[str]) -> Iterator[tuple[str, dict[str, Any], dict[str, float]]]:
+    def pending_payloads(self, keys: set[str]) -> Iterator[tuple[str, dict[str, Any], dict[str, Stamp]]]:
         for key in sorted(keys):
             row = self.db.execute("SELECT pending FROM leads WHERE key = ?", (key,)).fetchone()
             if row and row[0]:
                 rec = orjson.loads(row[0])
-                yield key, rec["payload"], rec.get("stamps") or {}
+                stamps = {k: stamp_from_json(v) for k, v in (rec.get("stamps") or {}).items()}
+                yield key, rec["payload"], stamps
 
     # -- outcomes (deliver.OutcomeSink): one transaction per batch ------------------------------
 
@@ -137,36 +177,40 @@ class StateStore:
         try:
             for o in outcomes:
                 fields = {k: v for k, v in o.payload.items() if k in o.stamps}
+                row = db.execute("SELECT confirmed, known FROM leads WHERE key = ?", (o.key,)).fetchone()
+                # Whatever became of the lead, the newest consent planned for it is kept.
+                known = _merged(row[1] if row else None, fields, o.stamps)
                 if o.delivered:
-                    existing = db.execute("SELECT confirmed FROM leads WHERE key = ?", (o.key,)).fetchone()
-                    confirmed = orjson.loads(existing[0]) if existing and existing[0] else {}
+                    # `confirmed` is what Marketo now holds: what was sent, even if older.
+                    confirmed = orjson.loads(row[0]) if row and row[0] else {}
                     for name, value in fields.items():
                         confirmed[name] = [value, o.stamps[name]]
                     values = {k: v[0] for k, v in confirmed.items()}
                     db.execute(
-                        "INSERT INTO leads (key, confirmed, confirmed_hash, confirmed_at, updated_at)"
-                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET confirmed=excluded.confirmed,"
+                        "INSERT INTO leads (key, confirmed, confirmed_hash, confirmed_at, updated_at, known)"
+                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET confirmed=excluded.confirmed,"
                         " confirmed_hash=excluded.confirmed_hash, confirmed_at=excluded.confirmed_at,"
                         " pending=NULL, pending_reason=NULL, skipped_hash=NULL, skipped_code=NULL,"
-                        " skipped_reason=NULL, updated_at=excluded.updated_at",
-                        (o.key, orjson.dumps(confirmed), payload_hash(values), now, now),
+                        " skipped_reason=NULL, updated_at=excluded.updated_at, known=excluded.known",
+                        (o.key, orjson.dumps(confirmed), payload_hash(values), now, now, known),
                     )
                 elif o.retryable:
                     pending = orjson.dumps({"payload": o.payload, "stamps": o.stamps})
                     db.execute(
-                        "INSERT INTO leads (key, pending, pending_reason, updated_at) VALUES (?, ?, ?, ?)"
+                        "INSERT INTO leads (key, pending, pending_reason, updated_at, known) VALUES (?, ?, ?, ?, ?)"
                         " ON CONFLICT(key) DO UPDATE SET pending=excluded.pending,"
-                        " pending_reason=excluded.pending_reason, updated_at=excluded.updated_at",
-                        (o.key, pending, redact(f"{o.code}: {o.reason}"), now),
+                        " pending_reason=excluded.pending_reason, updated_at=excluded.updated_at,"
+                        " known=excluded.known",
+                        (o.key, pending, redact(f"{o.code}: {o.reason}"), now, known),
                     )
                 else:
                     db.execute(
-                        "INSERT INTO leads (key, skipped_hash, skipped_code, skipped_reason, updated_at)"
-                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET pending=NULL,"
+                        "INSERT INTO leads (key, skipped_hash, skipped_code, skipped_reason, updated_at, known)"
+                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET pending=NULL,"
                         " pending_reason=NULL, skipped_hash=excluded.skipped_hash,"
                         " skipped_code=excluded.skipped_code, skipped_reason=excluded.skipped_reason,"
-                        " updated_at=excluded.updated_at",
-                        (o.key, payload_hash(fields), o.code, redact(o.reason), now),
+                        " updated_at=excluded.updated_at, known=excluded.known",
+                        (o.key, payload_hash(fields), o.code, redact(o.reason), now, known),
                     )
             db.execute("COMMIT")
         except BaseException:
@@ -214,6 +258,24 @@ class StateStore:
     def input_unchanged(self, unit: str, fingerprint: str) -> bool:
         row = self.db.execute("SELECT fingerprint FROM inputs WHERE unit = ?", (unit,)).fetchone()
         return row is not None and row[0] == fingerprint
+
+    def remember_known(self, leads: list[tuple[str, dict[str, Any], dict[str, Stamp]]]) -> None:
+        """Merge newer stamps of values a run did not need to send (same values as Marketo has)
+        into `known`: a later run must compare with the newest consent seen, not the newest sent
+        (else an opt-in older than an unsent re-statement of an opt-out would win)."""
+        db = self.db
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for key, fields, stamps in leads:
+                row = db.execute("SELECT known FROM leads WHERE key = ?", (key,)).fetchone()
+                if row is not None:
+                    known = _merged(row[0], fields, stamps)
+                    db.execute("UPDATE leads SET known = ?, updated_at = ? WHERE key = ?", (known, now, key))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def remember_inputs(self, units: dict[str, str]) -> None:
         now = time.time()
@@ -269,11 +331,16 @@ class StateStore:
         """A state written before bulk import, opened read-only, has no bulk_jobs table."""
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'bulk_jobs'").fetchone() is not None
 
-    def export(self, pending_only: bool = False) -> Iterator[dict[str, Any]]:
+    def leads(self, pending_only: bool = False) -> Iterator[LeadState]:
+        """Every lead of the state (or the pending ones), by key."""
         where = " WHERE pending IS NOT NULL" if pending_only else ""
         for (key,) in self.db.execute(f"SELECT key FROM leads{where} ORDER BY key").fetchall():
             lead = self.lead(key)
             assert lead is not None
+            yield lead
+
+    def export(self, pending_only: bool = False) -> Iterator[dict[str, Any]]:
+        for lead in self.leads(pending_only):
             yield lead_record(lead)
 
 
@@ -281,12 +348,18 @@ def lead_record(lead: LeadState) -> dict[str, Any]:
     return {
         "key": lead.key,
         "confirmed": {k: v[0] for k, v in lead.confirmed.items()},
-        "consent_timestamps": {k: v[1] for k, v in lead.confirmed.items()},
+        "consent_timestamps": {k: _when(v[1]) for k, v in lead.confirmed.items()},
+        "known": {k: v[0] for k, v in lead.known().items()},
         "confirmed_at": lead.confirmed_at,
         "pending": lead.pending["payload"] if lead.pending else None,
         "pending_reason": lead.pending_reason,
         "skipped": {"code": lead.skipped_code, "reason": lead.skipped_reason} if lead.skipped_hash else None,
     }
+
+
+def _when(stamp: Stamp) -> str | None:
+    """A stamp as people read it: its time (ISO 8601 UTC)."""
+    return format_timestamp(stamp[0]) if stamp[0] not in (NEVER, 0) else None
 
 
 # ---------------------------------------------------------------------------------------------

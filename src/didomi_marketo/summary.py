@@ -28,7 +28,7 @@ def exit_code(
 
 
 def _iso(t: float) -> str:
-    return format_timestamp(round(t))
+    return format_timestamp(round(t) * 10**9)
 
 
 @dataclass
@@ -70,6 +70,7 @@ class RunSummary:
                 "nothing_to_send": self.plan.nothing_to_send,
                 "unchanged": self.plan.unchanged,
                 "pending_resent": self.plan.pending_resent,
+                "rechecked": self.plan.rechecked,
                 "kept_newer_fields": self.plan.kept_newer,
                 "to_send": self.plan.to_send,
             }
@@ -91,6 +92,7 @@ def _input_json(inputs: InputStats, fs: FoldStats) -> dict[str, Any]:
     return {
         "files": inputs.files,
         "files_skipped": inputs.files_skipped,
+        "skipped_files": inputs.skipped_files,
         "files_unchanged": inputs.files_unchanged,
         "partitions_refused": inputs.partitions_refused,
         "access_denied": inputs.access_denied,
@@ -106,6 +108,8 @@ def _input_json(inputs: InputStats, fs: FoldStats) -> dict[str, Any]:
             "other_regulation": fs.other_regulation,
             "deleted": fs.deleted,
         },
+        "user_deletions": fs.user_deletions,
+        "revoked": fs.revoked,
     }
 
 

@@ -26,7 +26,7 @@ from didomi_marketo.check import BLOCKING_KINDS, schema_problems
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Config
 from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.deliver_bulk import BulkEngine
-from didomi_marketo.didomi.fold import SPILL_THRESHOLD, FoldSchema
+from didomi_marketo.didomi.fold import SPILL_THRESHOLD, FoldSchema, stamp_from_json
 from didomi_marketo.didomi.readers import ALL_DATES, MAX_LINE_BYTES, DateWindow, InputFile
 from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
 from didomi_marketo.inputs import InputFilter, InputStats, build_fold, default_jobs, read_into
@@ -65,6 +65,7 @@ class SyncOptions:
     bulk_threshold: int = DEFAULT_BULK_THRESHOLD  # leads to send from which `auto` picks bulk
     jobs: int | None = None  # processes reading and folding; None: the cores available
     max_line_bytes: int = MAX_LINE_BYTES  # a longer input line is rejected, never held in memory
+    recheck_skipped: bool = False  # re-send the newest known consent of 1004/1007-skipped leads
 
 
 @dataclass
@@ -171,9 +172,16 @@ def run_sync(
             timings["read_and_fold_seconds"] = round(fold_ended - read_started, 3)
             if inputs is not None:
                 input_stats.files_unchanged = inputs.unchanged
+            if fold.stats.user_deletions:
+                warn(deletions_warning(fold.stats.user_deletions, config.deletions))
             folded = fold.size_hint()  # for the quota estimate and the progress bar
-            prior = None if store is None or options.full else store
-            planner = Planner(config.mappings, fold.schema, config.lookup_field, prior, config.action)
+            fresher = _KnownWriter(store) if store is not None and not options.dry_run else None
+            # --full sends every lead, but still never an older consent than the state knows.
+            planner = Planner(
+                config.mappings, fold.schema, config.lookup_field, store, config.action,
+                recheck_skipped=options.recheck_skipped, send_all=options.full,
+                on_fresher=fresher.add if fresher is not None else None,
+            )  # fmt: skip
             output = _open_output(options.output)
             try:
                 tee = _Tee(planner.plan(fold.leads()), output)
@@ -182,6 +190,8 @@ def run_sync(
                                         preflight=preflight)  # fmt: skip
                 if delivery is not None and delivery.first_call_at is not None and clock is None:
                     timings["first_call_after_fold_seconds"] = round(delivery.first_call_at - fold_ended, 3)
+                if fresher is not None:
+                    fresher.flush()  # before the inputs count as synced
                 if delivery is not None and inputs is not None and store is not None:
                     if store.unrecorded:
                         # Outcomes that never reached the state (a full disk): its inputs must
@@ -204,11 +214,39 @@ def run_sync(
         exit_code=exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused),
                             bool(input_stats.access_denied)),
         inputs=input_stats, fold=fold.stats, leads_folded=planner.stats.leads, delivery=delivery,
-        extra={"timings": timings},
+        extra={"timings": timings} | ({"warnings": warnings} if warnings else {}),
     )  # fmt: skip
     report.finish(summary.to_json())
     fatal = delivery.fatal if delivery else None
     return RunResult(summary, summary.exit_code, tee.samples, fatal, warnings)
+
+
+class _KnownWriter:
+    """Batches StateStore.remember_known writes (one transaction per 1,000 leads)."""
+
+    def __init__(self, store: StateStore):
+        self.store = store
+        self.batch: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+
+    def add(self, key: str, fields: dict[str, Any], stamps: dict[str, Any]) -> None:
+        self.batch.append((key, dict(fields), dict(stamps)))
+        if len(self.batch) >= 1000:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            self.store.remember_known(self.batch)
+            self.batch = []
+
+
+def deletions_warning(n: int, deletions: str) -> str:
+    """user.deleted is often an erasure request: a compliance team must hear of every one."""
+    done = (
+        "ignored (deletions: ignore): Marketo keeps their consent fields"
+        if deletions == "ignore"
+        else "revoked (deletions: revoke): every mapped consent field is set to no consent"
+    )
+    return f"{n} user.deleted record(s), often erasure requests, were {done}; see ignored.ndjson"
 
 
 def _warnings(on_warning: Callable[[str], None] | None) -> tuple[list[str], Callable[[str], None]]:
@@ -662,7 +700,12 @@ def run_retry(
     started = time.time()
     warnings, warn = _warnings(on_warning)
     updates = [
-        LeadUpdate(r["key"], r["payload"], r.get("source", ""), r.get("stamps") or {})
+        LeadUpdate(
+            r["key"],
+            r["payload"],
+            r.get("source", ""),
+            {k: stamp_from_json(v) for k, v in (r.get("stamps") or {}).items()},
+        )  # fmt: skip
         for r in read_retryable(report_dir, warn)
     ]
     mismatched = [u.key for u in updates if config.lookup_field not in u.payload]

@@ -96,6 +96,14 @@ def sync(
         int | None,
         typer.Option("--jobs", "-j", min=1, help="Processes reading and folding input (default: the cores)."),
     ] = None,
+    recheck_skipped: Annotated[
+        bool,
+        typer.Option(
+            "--recheck-skipped",
+            help="With --state: also re-send the newest known consent of leads Marketo skipped "
+            "as not found (1004) or ambiguous (1007), e.g. leads created since.",
+        ),
+    ] = False,
     log_format: LogFormatOpt = "text",
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -113,7 +121,10 @@ def sync(
         window=date_window(since, until),
         via=via, bulk_threshold=bulk_threshold, jobs=jobs,
         max_line_bytes=max_line_bytes,
+        recheck_skipped=recheck_skipped,
     )  # fmt: skip
+    if recheck_skipped and not state_path:
+        raise ConfigError("--recheck-skipped needs --state (the skipped leads are in the state)")
     rep = make_report(report, verbose, log)
     log.event("start", command="sync", paths=paths, dry_run=dry_run, state=state_path, config=cfg.identity())
     with ProgressBar(not quiet and log.is_text) as progress:
@@ -121,6 +132,9 @@ def sync(
             cfg, options, rep, credentials=credentials, on_progress=log.progress(progress.update),
             on_warning=print_warning,
         )  # fmt: skip
+    if verbose:
+        for name in result.summary.inputs.skipped_files if result.summary.inputs else []:
+            err.print(f"{name}: skipped (not data)", markup=False, highlight=False, soft_wrap=True)
     if rep.unshown and not verbose:
         err.print(
             f"... and {rep.unshown} more rejected records"

@@ -1,10 +1,31 @@
-"""Fold consent observations per user, property by property: the latest timestamp wins.
+"""Fold consent observations per lead, property by property: the newest consent wins.
 
-Ties go to the later record in input order. A later event for one purpose never erases another
-purpose, and a null/absent value is no observation at all (it never blanks a field).
+Invariants (the README's "Consent semantics" is the user-facing statement of the same rules):
 
-Memory is bounded by the distinct leads, not the events: each lead is one small list, and past
-`spill_threshold` leads the fold is written to a SQLite scratch table and merged at the end.
+- **Order.** Every applied value carries a stamp `(time, version)` in integer nanoseconds: the
+  time is an event's `created_at` or a user status's `updated_at`; the version is an event's
+  `updated_at` (a later version of one event id wins) and equals the time for a user status. Per
+  property the value with the greatest stamp wins; an exact tie goes to the later record in input
+  order. So for records with distinct stamps the result does not depend on the input order, or on
+  how the input is cut into chunks (spills) or runs (the state applies the same order).
+- **Nothing is blanked.** A null or absent value is no observation of that property: it never
+  overwrites an earlier value. A later event for one purpose never erases another purpose.
+- **Only what applies is folded.** Pending (`pending_approval`) records, other regulations than
+  the configured ones, anonymous users, invalid keys, bad timestamps and malformed consent flags
+  are counted and reported through `on_issue`, and change no lead.
+- **Deletions.** `user.deleted` is counted (a warning) and, with `deletions: revoke`, folds as
+  "no consent" (false) for every boolean consent property at the deleted user's `updated_at`,
+  with the greatest version, so it wins over every record of that instant and loses to later ones.
+- **Memory** is bounded by the distinct leads, not the events: one flat list per lead (below),
+  and past `spill_threshold` leads the fold is written to a SQLite scratch table and merged at the
+  end (`merge_states` applies the same order, ties to the later chunk).
+
+A lead's fold state is a flat list, because there can be millions of them:
+
+    [source path, source line, latest time, value0, time0, version0, value1, time1, version1, ...]
+
+Read it through the accessors below (`source`, `latest`, `value_at`, `stamp_at`); only this module
+indexes it.
 """
 
 from __future__ import annotations
@@ -15,20 +36,58 @@ import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from didomi_marketo.didomi.records import Observation
-from didomi_marketo.mapping import FieldMapping, Property
+from didomi_marketo.mapping import FieldMapping, Malformed, Property
 
-# Layout of a lead's fold state (a plain list, because there can be millions of them):
-#   [source path, source line, latest timestamp, value0, ts0, value1, ts1, ...]
 SRC_PATH, SRC_LINE, LATEST = 0, 1, 2
 FIRST_SLOT = 3
+SLOT_WIDTH = 3  # value, time, version
 NEVER = -math.inf
+REVOKED = 2**63 - 1  # the version of a deletion's "no consent": after every record of its instant
+
+Stamp = tuple[float, float]  # (time, version), nanoseconds; NEVER when nothing was seen
+NO_STAMP: Stamp = (NEVER, NEVER)
+
+
+# -- the named accessors of a lead's fold state ------------------------------------------------
+
+
+def source(state: list[Any]) -> str:
+    """`path:line` of the last record (in input order) that touched the lead."""
+    return f"{state[SRC_PATH]}:{state[SRC_LINE]}"
+
+
+def latest(state: list[Any]) -> float:
+    """The time of the latest applied record (NEVER if none)."""
+    return state[LATEST]  # type: ignore[no-any-return]
+
+
+def value_at(state: list[Any], slot: int) -> Any:
+    """The winning value of the property at `slot` (FoldSchema.slots), None if never seen."""
+    return state[slot]
+
+
+def stamp_at(state: list[Any], slot: int) -> Stamp:
+    """The (time, version) of the winning value of the property at `slot`."""
+    return state[slot + 1], state[slot + 2]
+
+
+def stamp_from_json(value: Any) -> Stamp:
+    """A stamp as stored in a state or report: `[time, version]` (ns), or a bare number of
+    seconds from a state or report written before stamps had nanoseconds and versions."""
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return (NEVER if value[0] is None else value[0], NEVER if value[1] is None else value[1])
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        ns = round(value * 1_000_000) * 1000  # written from microsecond-precision text
+        return ns, ns
+    return NO_STAMP
+
 
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 LEAD_ID = re.compile(r"[0-9]+\Z")
@@ -44,7 +103,7 @@ class FoldSchema:
     slots: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.slots = {p.name: FIRST_SLOT + 2 * i for i, p in enumerate(self.properties)}
+        self.slots = {p.name: FIRST_SLOT + SLOT_WIDTH * i for i, p in enumerate(self.properties)}
 
     @classmethod
     def from_mappings(cls, mappings: list[FieldMapping]) -> FoldSchema:
@@ -58,25 +117,52 @@ class FoldSchema:
     def needs_purposes(self) -> bool:
         return any(r.kind.startswith("purpose") for p in self.properties for r in p.readings)
 
+    def revocation(self) -> list[Any]:
+        """What a revoked (deleted) user folds as: False for every boolean consent property
+        (purposes, legitimate interest, channels); nothing for preference values or user fields."""
+        return [False if p.is_consent and p.value_type == "boolean" else None for p in self.properties]
+
     def empty_state(self, path: str, line: int) -> list[Any]:
-        return [path, line, NEVER] + [None, NEVER] * len(self.properties)
+        return [path, line, NEVER] + [None, NEVER, NEVER] * len(self.properties)
 
 
-def parse_timestamp(value: Any) -> float | None:
-    """ISO 8601 to epoch seconds; a timestamp without offset is taken as UTC."""
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FRACTION = re.compile(r"[.,]([0-9]+)")
+_MICROSECOND = timedelta(microseconds=1)
+_NS_RANGE = range(-(2**63) + 1, 2**63 - 1)  # what a state stores as a 64-bit integer
+
+
+def parse_timestamp(value: Any) -> int | None:
+    """ISO 8601 / RFC 3339 to integer nanoseconds since the epoch, or None when invalid.
+
+    A timestamp without offset is UTC; lower-case `t` and `z` are accepted (RFC 3339 allows
+    them); every fractional digit up to nanoseconds counts (`.123456789` is later than
+    `.123456700`; digits past the ninth are dropped).
+    """
     if not isinstance(value, str) or not value:
         return None
+    text = value.upper()
+    ns_fraction = 0
+    m = _FRACTION.search(text)
+    if m is not None:
+        ns_fraction = int(m.group(1)[:9].ljust(9, "0"))
+        text = text[: m.start()] + text[m.end() :]
     try:
-        dt = datetime.fromisoformat(value)
+        dt = datetime.fromisoformat(text)
     except ValueError:
         return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    try:
+        ns = (dt - EPOCH) // _MICROSECOND * 1000 + ns_fraction
+    except OverflowError:
+        return None
+    return ns if ns in _NS_RANGE else None
 
 
-def format_timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+def format_timestamp(ns: float) -> str:
+    """Nanoseconds since the epoch as UTC ISO 8601 (`...Z`), to the microsecond."""
+    return (EPOCH + timedelta(microseconds=int(ns) // 1000)).isoformat().replace("+00:00", "Z")
 
 
 def normalise_key(key: Any, identifier: str) -> tuple[str | None, str]:
@@ -123,21 +209,26 @@ IssueSink = Callable[[str, str, int, str, Any], None]  # (category, path, line, 
 class FoldStats:
     user_statuses: int = 0
     events: int = 0
-    invalid: int = 0  # observations rejected in the fold (bad key, bad timestamp)
+    revoked: int = 0  # user.deleted folded as "no consent" (deletions: revoke)
+    invalid: int = 0  # observations rejected in the fold (bad key, timestamp, consent flag)
     rejected: int = 0  # every rejected record: those and the unreadable/unrecognised ones
     anonymous: int = 0
     pending: int = 0
     other_regulation: int = 0
-    deleted: int = 0
+    deleted: int = 0  # deletions ignored: every event.deleted, user.deleted under deletions: ignore
+    user_deletions: int = 0  # every user.deleted seen (possibly an erasure request): a warning
 
     # Derived rather than counted: the fold's hot path does as few increments as it can.
     @property
     def observations(self) -> int:
-        return self.user_statuses + self.events
+        return self.user_statuses + self.events + self.revoked
 
     @property
     def applied(self) -> int:
         return self.observations - self.pending - self.other_regulation - self.anonymous - self.invalid
+
+
+DELETIONS = ("ignore", "revoke")
 
 
 class Fold:
@@ -151,11 +242,14 @@ class Fold:
         on_issue: IssueSink,
         spill_threshold: int = SPILL_THRESHOLD,
         scratch_dir: str | None = None,
+        deletions: str = "ignore",
     ):
+        assert deletions in DELETIONS, deletions
         self.schema = schema
         self.identifier = identifier
         self.regulations = regulations
         self.on_issue = on_issue
+        self.deletions = deletions
         self.stats = FoldStats()
         self.spill_threshold = spill_threshold
         self.scratch_dir = scratch_dir
@@ -163,50 +257,64 @@ class Fold:
         self._spill: sqlite3.Connection | None = None
         self._spill_file: tempfile.TemporaryDirectory | None = None
         self._chunk = 0
-        self._extractors = [(schema.slots[p.name], p.compile()) for p in schema.properties]
+        self._extractors = [p.compile() for p in schema.properties]  # in slot order
+        self._slots = [schema.slots[p.name] for p in schema.properties]
+        self._pairs = list(zip(self._slots, self._extractors))  # noqa: B905 - same length
+        self._revocation = schema.revocation()
         # Consecutive observations usually belong to one user (an export line is a user and
         # their events): remember the last key's normalisation.
         self._last_raw_key: Any = None
         self._last_key: str | None = None
         self._last_why = ""
-        self._timestamps: dict[str, float | None] = {}
+        self._timestamps: dict[str, int | None] = {}
         self._gdpr_by_default = "gdpr" in regulations  # a record without `regulation` is gdpr
         self._needs_purposes = schema.needs_purposes
 
     # -- input --------------------------------------------------------------------------------
 
     def add(self, obs: Observation, path: str) -> None:
+        """Fold one observation read from `path` (observations come in input order).
+
+        This is the policy, rule by rule: whether the record applies at all (deletion mode,
+        status, regulation, key, timestamp: a record that does not is counted, reported through
+        `on_issue`, and changes nothing) and at which stamp (time, version). `_apply` is the
+        mechanics: it reads each property's value and lands it in its slot when its stamp is
+        newer (a malformed consent flag rejects the whole record there, leaving no trace).
+        """
         stats = self.stats
-        if obs.kind == "event":
+        kind = obs.kind
+        if kind == "event":
             stats.events += 1
-            if obs.status is not None and obs.status != "confirmed":
-                stats.pending += 1
+        elif kind == "user":
+            stats.user_statuses += 1
+        else:  # a user.deleted
+            stats.user_deletions += 1
+            if self.deletions != "revoke":
+                stats.deleted += 1
                 self.on_issue(
-                    "pending", path, obs.line, f"event status {obs.status!r} is not confirmed", obs.key
+                    "deleted", path, obs.line, "user.deleted: not applied (deletions: ignore)", obs.key
                 )
                 return
-        else:
-            stats.user_statuses += 1
-        reg = obs.regulation
-        # isinstance first: `regulation` may be any JSON value, and a list/object is unhashable
-        # (`reg not in frozenset` raised TypeError).
-        if reg is not None and (
-            not isinstance(reg, str) or (reg not in self.regulations and reg.lower() not in self.regulations)
-        ):
-            stats.other_regulation += 1
-            self.on_issue(
-                "other_regulation",
-                path,
-                obs.line,
-                f"regulation {reg!r} is not applied (see properties.regulations)",
-                obs.key,
-            )
+            stats.revoked += 1
+        if obs.status is not None and obs.status != "confirmed":
+            stats.pending += 1
+            what = "event status" if kind == "event" else "status of the event that caused it"
+            self.on_issue("pending", path, obs.line, f"{what} {obs.status!r} is not confirmed", obs.key)
             return
-        if reg is None and not self._gdpr_by_default:
+        reg = obs.regulation
+        if reg is None:
+            if not self._gdpr_by_default:
+                stats.other_regulation += 1
+                self.on_issue(
+                    "other_regulation", path, obs.line, "regulation (gdpr by default) is not applied", obs.key
+                )
+                return
+        elif (bad := self._not_applied(reg)) is not None:
             stats.other_regulation += 1
             self.on_issue(
-                "other_regulation", path, obs.line, "regulation (gdpr by default) is not applied", obs.key
-            )
+                "other_regulation", path, obs.line,
+                f"regulation {bad!r} is not applied (see properties.regulations)", obs.key,
+            )  # fmt: skip
             return
         if obs.key is None or obs.key == "":
             stats.anonymous += 1
@@ -224,52 +332,111 @@ class Fold:
             key, why = normalise_key(obs.key, self.identifier)
             self._last_raw_key, self._last_key, self._last_why = obs.key, key, why
         if key is None:
-            stats.rejected += 1
-            stats.invalid += 1
-            self.on_issue("rejected", path, obs.line, why, obs.key)
+            self._invalid(path, obs.line, why, obs.key)
             return
-        raw_ts = obs.timestamp
-        timestamps = self._timestamps
-        if type(raw_ts) is str and raw_ts in timestamps:
-            ts = timestamps[raw_ts]
-        else:
-            ts = parse_timestamp(raw_ts)
-            if type(raw_ts) is str:
-                if len(timestamps) >= 100_000:  # bounded: timestamps repeat, but not forever
-                    timestamps.clear()
-                timestamps[raw_ts] = ts
+        # Timestamps repeat (an export line's events share a handful): parse each text once.
+        ts: Any = self._timestamps.get(obs.timestamp, _UNSEEN) if type(obs.timestamp) is str else None
+        if ts is _UNSEEN:
+            ts = self._timestamp(obs.timestamp)
         if ts is None:
-            field_name = "created_at" if obs.kind == "event" else "updated_at"
-            stats.rejected += 1
-            stats.invalid += 1
+            field_name = "created_at" if kind == "event" else "updated_at"
             what = "missing" if obs.timestamp in (None, "") else f"invalid ({obs.timestamp!r})"
-            self.on_issue("rejected", path, obs.line, f"{obs.kind} {field_name} is {what}", obs.key)
+            self._invalid(path, obs.line, f"{_KIND_NAMES[kind]} {field_name} is {what}", obs.key)
             return
-        consents = obs.consents
-        purposes = None
-        if self._needs_purposes:
-            plist = consents.get("purposes")
-            if type(plist) is list:
-                try:
-                    purposes = {p["id"]: p for p in plist}
-                except (TypeError, KeyError):  # an item that is not an object, or has no id
-                    purposes = {p.get("id"): p for p in plist if isinstance(p, dict)}
-        user = obs.user
-        state = self._leads.get(key)
+        ver = ts
+        if kind == "event":
+            # A later version of one event (event.updated: a correction, pending -> confirmed)
+            # ranks after the earlier one, whatever the input order.
+            version = self._timestamp(obs.version) if obs.version is not None else None
+            if version is not None:
+                ver = version
+        elif kind == "deletion":
+            ver = REVOKED  # after every record of its instant
+        self._apply(key, ts, ver, obs, path)
+
+    def _not_applied(self, reg: Any) -> Any:
+        """The first regulation of `reg` (one, or a tuple of the record's and its envelope's)
+        that is not configured; None when all apply."""
+        regs = reg if type(reg) is tuple else (reg,)
+        for r in regs:
+            if r is None:
+                if not self._gdpr_by_default:
+                    return "gdpr"
+            # isinstance first: `regulation` may be any JSON value, and a list/object is
+            # unhashable (`r not in frozenset` raised TypeError).
+            elif not isinstance(r, str) or (r not in self.regulations and r.lower() not in self.regulations):
+                return r
+        return None
+
+    def _timestamp(self, raw: Any) -> int | None:
+        timestamps = self._timestamps
+        if type(raw) is str:
+            ts = timestamps.get(raw, _UNSEEN)
+            if ts is not _UNSEEN:
+                return ts  # type: ignore[return-value]
+            ts = parse_timestamp(raw)
+            if len(timestamps) >= 100_000:  # bounded: timestamps repeat, but not forever
+                timestamps.clear()
+            timestamps[raw] = ts
+            return ts
+        return None
+
+    def _invalid(self, path: str, line: int, reason: str, key: Any) -> None:
+        self.stats.rejected += 1
+        self.stats.invalid += 1
+        self.on_issue("rejected", path, line, reason, key)
+
+    def _apply(self, key: str, ts: int, ver: int, obs: Observation, path: str) -> None:
+        """Mechanics: read each property's value (slot order) and write it into the lead's slot
+        when (ts, ver) is at least the slot's stamp. Extracting and writing in one pass keeps the
+        hot path lean; a Malformed flag restores the lead as it was and rejects the record."""
+        leads = self._leads
+        state = leads.get(key)
+        new = state is None
         if state is None:
-            if len(self._leads) >= self.spill_threshold:
+            if len(leads) >= self.spill_threshold:
                 self._spill_out()
-            state = self._leads[key] = self.schema.empty_state(path, obs.line)
+            state = leads[key] = self.schema.empty_state(path, obs.line)
+        if obs.kind == "deletion":
+            values = self._revocation
+            for slot, value in zip(self._slots, values):  # noqa: B905 - same length by construction
+                if value is not None:
+                    t = state[slot + 1]
+                    if ts >= t and (ts > t or ver >= state[slot + 2]):
+                        state[slot], state[slot + 1], state[slot + 2] = value, ts, ver
         else:
-            state[SRC_PATH] = path
-            state[SRC_LINE] = obs.line
-        if ts >= state[LATEST]:
+            consents = obs.consents
+            purposes = None
+            if self._needs_purposes:
+                plist = consents.get("purposes")
+                if type(plist) is list:
+                    try:
+                        purposes = {p["id"]: p for p in plist}
+                    except (TypeError, KeyError):  # an item that is not an object, or has no id
+                        purposes = {p.get("id"): p for p in plist if isinstance(p, dict)}
+            user = obs.user
+            saved = state[:]  # a C-level copy: cheaper than extracting every value first
+            try:
+                for slot, extract in self._pairs:
+                    value = extract(purposes, consents, user)
+                    if value is not None:
+                        t = state[slot + 1]
+                        # Most records are older than what the slot holds: one comparison then.
+                        if ts >= t and (ts > t or ver >= state[slot + 2]):
+                            state[slot] = value
+                            state[slot + 1] = ts
+                            state[slot + 2] = ver
+            except Malformed as e:
+                if new:
+                    del leads[key]
+                else:
+                    state[:] = saved
+                self._invalid(path, obs.line, f"{_KIND_NAMES[obs.kind]} rejected: {e}", obs.key)
+                return
+        state[SRC_PATH] = path
+        state[SRC_LINE] = obs.line
+        if ts > state[LATEST]:
             state[LATEST] = ts
-        for slot, extract in self._extractors:
-            value = extract(purposes, consents, user)
-            if value is not None and ts >= state[slot + 1]:
-                state[slot] = value
-                state[slot + 1] = ts
 
     def reject(self, category: str, path: str, line: int, reason: str, key: Any = None) -> None:
         """Count a record that never became an observation (bad JSON, unknown shape, deleted)."""
@@ -293,7 +460,20 @@ class Fold:
     # -- output -------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._leads) if self._spill is None else self._count_spilled()
+        """Distinct leads. Once spilled, counted in SQLite without spilling what is in memory."""
+        if self._spill is None:
+            return len(self._leads)
+        db = self._spill
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS held (key TEXT)")
+        try:
+            db.executemany("INSERT INTO held VALUES (?)", ((k,) for k in self._leads))
+            return int(
+                db.execute(
+                    "SELECT COUNT(*) FROM (SELECT key FROM spill UNION SELECT key FROM held)"
+                ).fetchone()[0]
+            )
+        finally:
+            db.execute("DELETE FROM held")
 
     def size_hint(self) -> int:
         """Distinct leads, or once spilled an upper bound (a lead spilled in two chunks counts
@@ -349,19 +529,18 @@ class Fold:
         self._chunk += 1
         self._leads.clear()
 
-    def _count_spilled(self) -> int:
-        self._spill_out()
-        assert self._spill is not None
-        return self._spill.execute("SELECT COUNT(DISTINCT key) FROM spill").fetchone()[0]
+
+_UNSEEN = object()
+_KIND_NAMES = {"event": "event", "user": "user", "deletion": "user.deleted"}
 
 
 def merge_states(older: list[Any], newer: list[Any]) -> list[Any]:
     """Merge the fold of an earlier chunk of input with a later one (ties go to the later)."""
     out = list(newer)
     out[LATEST] = max(older[LATEST], newer[LATEST])
-    for v in range(FIRST_SLOT, len(out), 2):
-        if older[v + 1] > newer[v + 1]:
-            out[v], out[v + 1] = older[v], older[v + 1]
+    for v in range(FIRST_SLOT, len(out), SLOT_WIDTH):
+        if (older[v + 1], older[v + 2]) > (newer[v + 1], newer[v + 2]):
+            out[v], out[v + 1], out[v + 2] = older[v], older[v + 1], older[v + 2]
     return out
 
 
@@ -369,7 +548,9 @@ def restore_never(state: list[Any]) -> list[Any]:
     """Spilled states store "never" (-inf, not JSON) as null; put it back."""
     if state[LATEST] is None:
         state[LATEST] = NEVER
-    for t in range(FIRST_SLOT + 1, len(state), 2):
-        if state[t] is None:
-            state[t] = NEVER
+    for v in range(FIRST_SLOT, len(state), SLOT_WIDTH):
+        if state[v + 1] is None:
+            state[v + 1] = NEVER
+        if state[v + 2] is None:
+            state[v + 2] = NEVER
     return state

@@ -97,6 +97,14 @@ class DateWindow:
 ALL_DATES = DateWindow()
 
 
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A file deliberately not read (not data inside an export partition): counted, named."""
+
+    path: str
+    reason: str
+
+
 class IncompletePartition(Exception):
     def __init__(self, partition: str):
         self.partition = partition
@@ -134,10 +142,11 @@ def skipped_name(name: str) -> bool:
 
 def discover(
     paths: list[str], allow_incomplete: bool = False, window: DateWindow = ALL_DATES
-) -> Iterator[InputFile | Problem | IncompletePartition]:
+) -> Iterator[InputFile | Problem | IncompletePartition | Skipped]:
     """Expand the command-line paths into files, in a stable (sorted) order.
 
-    Inside an export partition only `*.json.gz` files are data; everything else is ignored.
+    Inside an export partition only `*.json.gz` files are data; any other file is yielded as
+    Skipped (counted and named, never silently dropped).
     Elsewhere in a folder, hidden files and `_`-markers are skipped and the rest is sniffed.
     """
     for raw in paths:
@@ -194,7 +203,7 @@ def _enclosing_partition(path: Path) -> Path | None:
 
 def _walk(
     root: Path, allow_incomplete: bool, window: DateWindow
-) -> Iterator[InputFile | IncompletePartition | Problem]:
+) -> Iterator[InputFile | IncompletePartition | Problem | Skipped]:
     unreadable: list[OSError] = []
     seen: set[str] = set()  # real paths: symlinked folders are followed, loops are not
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append, followlinks=True):
@@ -226,6 +235,7 @@ def _walk(
             if skipped_name(name):
                 continue
             if partition is not None and not name.endswith(".json.gz"):
+                yield Skipped(str(here / name), "not *.json.gz inside an export partition")
                 continue
             path = here / name
             try:

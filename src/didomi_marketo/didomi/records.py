@@ -16,16 +16,18 @@ from didomi_marketo.didomi.readers import LinedDocument
 
 @dataclass(slots=True)
 class Observation:
-    """One user status (at its `updated_at`) or one event (at its `created_at`) for one user."""
+    """One user status (at its `updated_at`), one event (at its `created_at`), or one user
+    deletion (at the deleted user's `updated_at`) for one user."""
 
-    kind: str  # "user" | "event"
+    kind: str  # "user" | "event" | "deletion"
     key: Any  # organization_user_id as found (validated later against the identifier)
     timestamp: Any  # the raw created_at / updated_at
     consents: dict
     user: dict  # the user object, or the event's `user`
-    regulation: Any
-    status: Any  # events only: confirmed | pending_approval | None
+    regulation: Any  # one value, or a tuple (a webhook's envelope, source event and entity)
+    status: Any  # confirmed | pending_approval | None (an event's, or a user.updated's source's)
     line: int
+    version: Any = None  # events: the raw updated_at (a later version of one event id wins)
 
 
 @dataclass(slots=True)
@@ -143,6 +145,10 @@ def recognise(obj: dict, line: int) -> Iterator[Observation | Unusable]:
             yield _event(obj, line)
         else:
             yield _user(obj, line)
+    elif consents is None and "organization_user_id" in obj and not isinstance(user, dict):
+        # A user status without `consents` (a user known to Didomi who made no choice yet):
+        # nothing to send, not an error. Its timestamp and key are still checked by the fold.
+        yield _user(obj, line)
     else:
         keys = ", ".join(sorted(map(str, obj))[:8]) or "none"
         yield Unusable(
@@ -153,14 +159,16 @@ def recognise(obj: dict, line: int) -> Iterator[Observation | Unusable]:
         )
 
 
-def _user(user: dict, line: int) -> Observation:
+def _user(user: dict, line: int, regulation: Any = None, status: Any = None) -> Observation:
+    consents = user.get("consents")
     return Observation(
-        "user", user.get("organization_user_id"), user.get("updated_at"), user["consents"],
-        user, user.get("regulation"), None, line,
+        "user", user.get("organization_user_id"), user.get("updated_at"),
+        consents if isinstance(consents, dict) else {}, user,
+        user.get("regulation") if regulation is None else regulation, status, line,
     )  # fmt: skip
 
 
-def _event(event: dict, line: int, owner: dict | None = None) -> Observation:
+def _event(event: dict, line: int, owner: dict | None = None, regulation: Any = None) -> Observation:
     user = event.get("user")
     if not isinstance(user, dict):
         user = owner or {}
@@ -171,7 +179,8 @@ def _event(event: dict, line: int, owner: dict | None = None) -> Observation:
     consents = event.get("consents")
     return Observation(
         "event", key, event.get("created_at"), consents if isinstance(consents, dict) else {},
-        user, event.get("regulation"), event.get("status"), line,
+        user, event.get("regulation") if regulation is None else regulation, event.get("status"), line,
+        event.get("updated_at"),
     )  # fmt: skip
 
 
@@ -190,6 +199,15 @@ def _export_line(user: dict, events: list, line: int) -> list[Observation | Unus
 def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
     kind = envelope.get("type")
     params = envelope["parameters"]
+    if kind == "user.deleted":
+        # Often an erasure request: counted as a warning, and folded as "no consent" under
+        # `deletions: revoke` (the fold decides). Ordered at the deleted user's updated_at.
+        entity = params.get("entity") if isinstance(params.get("entity"), dict) else {}
+        yield Observation(
+            "deletion", entity.get("organization_user_id"),
+            entity.get("deleted_at") or entity.get("updated_at"), {}, entity, None, None, line,
+        )  # fmt: skip
+        return
     if isinstance(kind, str) and kind.endswith(".deleted"):
         entity = params.get("entity") if isinstance(params.get("entity"), dict) else {}
         # entity.user may be any JSON value: only read a key from an object (a string crashed).
@@ -208,12 +226,23 @@ def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
     if not isinstance(entity, dict):
         yield Unusable("rejected", f"webhook {kind} has no parameters.{slot} object", line)
         return
+    # Every regulation the envelope names must apply: its own, the entity's, and (user.updated)
+    # the one of the event that caused the update. Otherwise a CPRA event would overwrite
+    # GDPR consent through the user status.
+    source = params.get("source") if kind == "user.updated" else None
+    source = source if isinstance(source, dict) else {}
+    regs = tuple(
+        r
+        for r in (envelope.get("regulation"), source.get("regulation"), entity.get("regulation"))
+        if r is not None
+    )
+    regulation = None if not regs else regs[0] if len(regs) == 1 else regs
     if shape == "event":
-        yield _event(entity, line)
-    elif isinstance(entity.get("consents"), dict):
-        yield _user(entity, line)
+        yield _event(entity, line, regulation=regulation)
+    elif entity.get("consents") is None or isinstance(entity.get("consents"), dict):
+        yield _user(entity, line, regulation, source.get("status"))
     else:
-        yield Unusable("rejected", f"webhook {kind}: parameters.{slot} has no consents", line)
+        yield Unusable("rejected", f"webhook {kind}: parameters.{slot}.consents is not an object", line)
 
 
 def _type_name(value: Any) -> str:
