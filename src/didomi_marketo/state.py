@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from didomi_marketo.didomi.fold import NEVER, Stamp, format_timestamp, stamp_from_json
+from didomi_marketo.didomi.fold import NEVER, Stamp, compact_stamp, format_timestamp, stamp_from_json
 from didomi_marketo.didomi.readers import InputFile
 from didomi_marketo.errors import ConfigError, FatalError, LockHeld
 from didomi_marketo.marketo.redact import redact
@@ -100,10 +100,18 @@ def _entries(blob: bytes | None) -> dict[str, tuple[Any, Stamp]]:
     return {k: (v[0], stamp_from_json(v[1])) for k, v in orjson.loads(blob).items()} if blob else {}
 
 
-def _merged(existing: bytes | None, fields: dict[str, Any], stamps: dict[str, Any]) -> bytes:
-    """`existing` ({field: [value, stamp]}) with the newer of each field of `fields` merged in."""
+def _encode(entries: dict[str, tuple[Any, Stamp]]) -> bytes:
+    return orjson.dumps({k: [v, compact_stamp(st)] for k, (v, st) in entries.items()})
+
+
+def _merged(existing: bytes | None, fields: dict[str, Any], stamps: dict[str, Any],
+            confirmed: bytes | None = None) -> bytes | None:  # fmt: skip
+    """`existing` ({field: [value, stamp]}) with the newer of each field of `fields` merged in;
+    None when that is exactly `confirmed` (the usual delivered lead: nothing to keep twice)."""
     merged = newest(_entries(existing), {k: (v, stamp_from_json(stamps[k])) for k, v in fields.items()})
-    return orjson.dumps(merged)
+    if confirmed is not None and merged == _entries(confirmed):
+        return None
+    return _encode(merged)
 
 
 class StateStore:
@@ -179,23 +187,27 @@ class StateStore:
                 fields = {k: v for k, v in o.payload.items() if k in o.stamps}
                 row = db.execute("SELECT confirmed, known FROM leads WHERE key = ?", (o.key,)).fetchone()
                 # Whatever became of the lead, the newest consent planned for it is kept.
-                known = _merged(row[1] if row else None, fields, o.stamps)
+                known_before = (row[1] or row[0]) if row else None
+                known = _merged(known_before, fields, o.stamps)
                 if o.delivered:
                     # `confirmed` is what Marketo now holds: what was sent, even if older.
-                    confirmed = orjson.loads(row[0]) if row and row[0] else {}
+                    entries = _entries(row[0]) if row else {}
                     for name, value in fields.items():
-                        confirmed[name] = [value, o.stamps[name]]
-                    values = {k: v[0] for k, v in confirmed.items()}
+                        entries[name] = (value, stamp_from_json(o.stamps[name]))
+                    values = {k: v[0] for k, v in entries.items()}
+                    confirmed = _encode(entries)
+                    known = _merged(known_before, fields, o.stamps, confirmed)
                     db.execute(
                         "INSERT INTO leads (key, confirmed, confirmed_hash, confirmed_at, updated_at, known)"
                         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET confirmed=excluded.confirmed,"
                         " confirmed_hash=excluded.confirmed_hash, confirmed_at=excluded.confirmed_at,"
                         " pending=NULL, pending_reason=NULL, skipped_hash=NULL, skipped_code=NULL,"
                         " skipped_reason=NULL, updated_at=excluded.updated_at, known=excluded.known",
-                        (o.key, orjson.dumps(confirmed), payload_hash(values), now, now, known),
+                        (o.key, confirmed, payload_hash(values), now, now, known),
                     )
                 elif o.retryable:
-                    pending = orjson.dumps({"payload": o.payload, "stamps": o.stamps})
+                    stamps = {k: compact_stamp(stamp_from_json(v)) for k, v in o.stamps.items()}
+                    pending = orjson.dumps({"payload": o.payload, "stamps": stamps})
                     db.execute(
                         "INSERT INTO leads (key, pending, pending_reason, updated_at, known) VALUES (?, ?, ?, ?, ?)"
                         " ON CONFLICT(key) DO UPDATE SET pending=excluded.pending,"
@@ -268,9 +280,9 @@ class StateStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             for key, fields, stamps in leads:
-                row = db.execute("SELECT known FROM leads WHERE key = ?", (key,)).fetchone()
+                row = db.execute("SELECT confirmed, known FROM leads WHERE key = ?", (key,)).fetchone()
                 if row is not None:
-                    known = _merged(row[0], fields, stamps)
+                    known = _merged(row[1] or row[0], fields, stamps, row[0])
                     db.execute("UPDATE leads SET known = ?, updated_at = ? WHERE key = ?", (known, now, key))
             db.execute("COMMIT")
         except BaseException:

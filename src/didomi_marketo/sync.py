@@ -235,7 +235,11 @@ class _KnownWriter:
 
     def flush(self) -> None:
         if self.batch:
-            self.store.remember_known(self.batch)
+            try:
+                self.store.remember_known(self.batch)
+            except (sqlite3.Error, OSError):
+                # A full disk: these leads' inputs must be read again next run (not recorded).
+                self.store.unrecorded += len(self.batch)
             self.batch = []
 
 

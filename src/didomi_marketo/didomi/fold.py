@@ -78,11 +78,18 @@ def stamp_at(state: list[Any], slot: int) -> Stamp:
     return state[slot + 1], state[slot + 2]
 
 
+def compact_stamp(stamp: Stamp) -> list[float]:
+    """A stamp as a state stores it: `[time]` when the version is the time (most), else both."""
+    return [stamp[0]] if stamp[0] == stamp[1] else [stamp[0], stamp[1]]
+
+
 def stamp_from_json(value: Any) -> Stamp:
-    """A stamp as stored in a state or report: `[time, version]` (ns), or a bare number of
-    seconds from a state or report written before stamps had nanoseconds and versions."""
+    """A stamp as stored in a state or report: `[time, version]` or `[time]` (ns), or a bare
+    number of seconds from a state or report written before stamps had nanoseconds and versions."""
     if isinstance(value, list | tuple) and len(value) == 2:
         return (NEVER if value[0] is None else value[0], NEVER if value[1] is None else value[1])
+    if isinstance(value, list | tuple) and len(value) == 1 and value[0] is not None:
+        return value[0], value[0]  # `[time]`: the version is the time (compact_stamp)
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         ns = round(value * 1_000_000) * 1000  # written from microsecond-precision text
         return ns, ns
