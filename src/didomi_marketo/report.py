@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import orjson
 
+from didomi_marketo.didomi.fold import Stamp, stamp_from_json
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.marketo.redact import redact_bytes
 from didomi_marketo.outcomes import LeadOutcome
@@ -138,7 +139,7 @@ def outcome_record(o: LeadOutcome) -> dict[str, Any]:
     }
 
 
-def delivered_consent(directory: str | Path, into: dict[str, dict[str, tuple[Any, float]]]) -> None:
+def delivered_consent(directory: str | Path, into: dict[str, dict[str, tuple[Any, Stamp]]]) -> None:
     """Per lead, each consent field a report's run delivered with its consent time, the latest
     kept (for `retry --newer`: what a newer run sent must not be rolled back). An unreadable line
     is skipped: it can only make retry send more, never roll back what the file proves."""
@@ -148,8 +149,9 @@ def delivered_consent(directory: str | Path, into: dict[str, dict[str, tuple[Any
                 rec = orjson.loads(line)
                 known = into.setdefault(rec["key"], {})
                 for name, (value, at) in (rec.get("consent") or {}).items():
-                    if name not in known or float(at) > known[name][1]:
-                        known[name] = (value, float(at))
+                    stamp = stamp_from_json(at)  # [time, version], or seconds from an older report
+                    if name not in known or stamp > known[name][1]:
+                        known[name] = (value, stamp)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
                 continue
 

@@ -26,7 +26,7 @@ from didomi_marketo.check import BLOCKING_KINDS, schema_problems
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Config
 from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.deliver_bulk import BulkEngine
-from didomi_marketo.didomi.fold import SPILL_THRESHOLD, FoldSchema, stamp_from_json
+from didomi_marketo.didomi.fold import SPILL_THRESHOLD, FoldSchema, Stamp, stamp_from_json
 from didomi_marketo.didomi.readers import ALL_DATES, MAX_LINE_BYTES, DateWindow, InputFile
 from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
 from didomi_marketo.inputs import InputFilter, InputStats, build_fold, default_jobs, read_into
@@ -655,20 +655,17 @@ class _NewerReports:
     planner's one "keep the newer consent" rule), so a revocation is never rolled back."""
 
     def __init__(self, directories: list[str]):
-        self.delivered: dict[str, dict[str, tuple[Any, float]]] = {}
+        self.delivered: dict[str, dict[str, tuple[Any, Stamp]]] = {}
         for d in directories:
             if not (Path(d) / "delivered.ndjson").is_file():
                 raise ConfigError(f"--newer {d}: not a didomi-marketo report (no delivered.ndjson)")
             delivered_consent(d, self.delivered)
 
-    def confirmed(self, key: str) -> dict[str, tuple[Any, float]] | None:
-        return self.delivered.get(key) or None
-
     def lead(self, key: str) -> LeadState | None:
-        confirmed = self.confirmed(key)
-        if confirmed is None:
+        confirmed = self.delivered.get(key)
+        if not confirmed:
             return None
-        return LeadState(key, confirmed, None, None, None, None, None, None)
+        return LeadState(key, confirmed, None, None, None, None, None, None, {})
 
 
 @_summary_on_failure("retry")
