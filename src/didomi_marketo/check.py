@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
-from didomi_marketo.didomi.fold import Fold, FoldSchema
+from didomi_marketo.didomi.fold import Fold, FoldSchema, value_at
 from didomi_marketo.didomi.records import Observation
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.inputs import InputStats, read_into
@@ -184,7 +184,7 @@ def check_sample(config: Config, paths: list[str], allow_incomplete: bool = Fals
         for _, state in fold.leads():
             leads += 1
             for name, slot in fold.schema.slots.items():
-                if state[slot] is not None:
+                if value_at(state, slot) is not None:
                     with_value[name] += 1
     finally:
         fold.close()

@@ -24,7 +24,15 @@ from typing import Any
 import orjson
 
 from didomi_marketo.config import Config
-from didomi_marketo.didomi.fold import FIRST_SLOT, LATEST, NEVER, Fold, format_timestamp, normalise_key
+from didomi_marketo.didomi.fold import (
+    NEVER,
+    Fold,
+    format_timestamp,
+    latest,
+    normalise_key,
+    stamp_at,
+    value_at,
+)
 from didomi_marketo.didomi.readers import (
     IncompletePartition,
     InputFile,
@@ -149,13 +157,10 @@ class _Tracer:
         self.config, self.key = config, key
         self.watcher = _Watcher()
         self.fold = build_fold(config, self.watcher)
-        # The fold state's slots: each property's (value, timestamp), and the latest applied time.
+        # Each property's slot in the fold state, and None for `updated_at` (the latest time).
         schema = self.fold.schema
-        width = (len(schema.empty_state("", 0)) - FIRST_SLOT) // max(1, len(schema.properties))
-        self.spans = [
-            (p.name, slice(schema.slots[p.name], schema.slots[p.name] + width)) for p in schema.properties
-        ]
-        self.spans.append(("updated_at", slice(LATEST, LATEST + 1)))
+        self.slots: list[tuple[str, int | None]] = [(p.name, schema.slots[p.name]) for p in schema.properties]
+        self.slots.append(("updated_at", None))
         self.props = {p.name: p for p in self.fold.schema.properties}
         self.steps: list[Step] = []
         self.holder: dict[str, Step] = {}  # property (or "updated_at") -> the record holding it now
@@ -181,16 +186,25 @@ class _Tracer:
         if after is None or alone is None:
             return
         # A record holds a slot when, right after it was added, the fold holds exactly what the
-        # fold makes of that record alone (its value and its stamp). Slots are compared whole,
-        # whatever the fold keeps in them besides the value (a time, a version...).
-        for name, span in self.spans:
-            if name != "updated_at" and (alone[span.start] is None or after[span] != alone[span]):
-                continue
-            stamp = slice(span.start + 1, span.stop) if name != "updated_at" else span
-            if after[stamp] != alone[stamp] or alone[LATEST] == NEVER:
+        # fold makes of that record alone: its value and its stamp (time, version).
+        if latest(alone) == NEVER:
+            return
+        for name, slot in self.slots:
+            if slot is None:
+                held = latest(after) == latest(alone)
+                stamp_before: Any = latest(before) if before else None
+                stamp_after: Any = latest(after)
+            else:
+                mine = (value_at(alone, slot), stamp_at(alone, slot))
+                held = mine[0] is not None and (value_at(after, slot), stamp_at(after, slot)) == mine
+                stamp_before, stamp_after = (
+                    (stamp_at(before, slot) if before else None),
+                    stamp_at(after, slot),
+                )
+            if not held:
                 continue
             previous = self.holder.get(name)
-            tied = previous is not None and before is not None and before[stamp] == after[stamp]
+            tied = previous is not None and stamp_before == stamp_after
             self.holder[name] = step
             self.reasons[name] = (
                 f"tie with #{previous.n} (same time): the later record in input order wins"
