@@ -52,4 +52,4 @@ samples:
 	$(PYTHON) scripts/make_samples.py
 
 clean:
-	rm -rf $(VENV) $(EMU_VENV) demo-report demo-reconcile .pytest_cache .hypothesis
+	rm -rf $(VENV) $(EMU_VENV) demo-report demo-reconcile demo-state .pytest_cache .hypothesis

@@ -4,17 +4,30 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-PORT=8787
+PORT=${DEMO_PORT:-8787}
+free() { $BIN/python -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
+if ! free "$PORT"; then
+  # Taken (another demo, another service): any free port; the config's instance is overridden
+  # by MARKETO_INSTANCE below (the environment beats the file).
+  PORT=$($BIN/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  echo "port ${DEMO_PORT:-8787} is taken: the demo's sandbox listens on $PORT instead"
+fi
 export MARKETO_CLIENT_ID=sandbox-client MARKETO_CLIENT_SECRET=sandbox-secret
+export MARKETO_INSTANCE="http://127.0.0.1:$PORT/rest"
 
-$BIN/didomi-marketo sandbox --port "$PORT" --leads sample_exports/leads.json > /tmp/didomi-marketo-demo-sandbox.log 2>&1 &
+SANDBOX_LOG=$(mktemp)
+$BIN/didomi-marketo sandbox --port "$PORT" --leads sample_exports/leads.json > "$SANDBOX_LOG" 2>&1 &
 SANDBOX=$!
-trap 'kill $SANDBOX 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-  grep -q "listening" /tmp/didomi-marketo-demo-sandbox.log 2>/dev/null && break
+trap 'kill $SANDBOX 2>/dev/null || true; rm -f "$SANDBOX_LOG"' EXIT
+for _ in $(seq 300); do  # up to 30 s: a loaded machine starts Python slowly
+  grep -q "listening" "$SANDBOX_LOG" 2>/dev/null && break
   sleep 0.1
 done
-cat /tmp/didomi-marketo-demo-sandbox.log
+if ! grep -q "listening" "$SANDBOX_LOG"; then
+  echo "demo: the sandbox did not start on 127.0.0.1:$PORT: $(tail -1 "$SANDBOX_LOG")" >&2
+  exit 1
+fi
+cat "$SANDBOX_LOG"
 
 echo
 echo "== 1. dry run: what would be sent (no credentials, no network) =="

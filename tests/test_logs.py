@@ -81,3 +81,15 @@ def test_progress_log_throttles_within_a_phase_but_not_across(capsys):
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="expected text or json"):
         logs.setup("xml")
+
+
+def test_known_secrets_never_reach_stderr_in_text_or_json(capsys):
+    from didomi_marketo.marketo import redact
+
+    redact.register("s3cr3t-value-xyz")
+    for fmt in ("text", "json"):
+        logs.setup(fmt)
+        logs.error("server said: bad secret s3cr3t-value-xyz")
+        logs.event("start", config={"client_secret": "s3cr3t-value-xyz"})
+    err = capsys.readouterr().err
+    assert "s3cr3t-value-xyz" not in err and err.count("***") == 3

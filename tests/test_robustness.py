@@ -119,8 +119,10 @@ def test_unusable_paths_are_one_line_errors(sandbox, tmp_path, cli):
     res = cli("sync", data, "-c", config, "--state", tmp_path / "afile" / "sub" / "s.db", "-q")
     assert res.exit_code == 3 and "cannot create the state folder" in res.stderr
     assert "Traceback" not in res.stderr
-    res = cli("sync", data, "-c", config, "--dry-run", "--state", tmp_path / "typo.db")
-    assert res.exit_code == 2 and not (tmp_path / "typo.db").exists()  # a dry run creates nothing
+    # A state that does not exist yet: the dry run previews a first run, says so, creates nothing.
+    res = cli("sync", data, "-c", config, "--dry-run", "--state", tmp_path / "new" / "s.db")
+    assert res.exit_code == 0 and "does not exist yet: previewing a first run" in res.stderr
+    assert "leads to send" in res.stdout and not (tmp_path / "new").exists()
 
 
 def test_retry_skips_a_partial_last_line(sandbox_factory, tmp_path, cli):

@@ -32,10 +32,10 @@ from didomi_marketo.marketo.client import CallFailed, MarketoClient
 from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.schema import (
     authenticate,
-    fetch_schema,
     fetch_schema_from,
     filter_fields,
     normalise_fields,
+    read_lead_fields,
 )
 from didomi_marketo.preview import IssueTally, PreviewResult
 
@@ -595,13 +595,8 @@ async def _online(
 def list_fields(config: Config, credentials: Credentials, match: str | None = None) -> list[dict[str, Any]]:
     """Marketo's lead fields a mapping can target, each with `mapped` (by this config)."""
 
-    async def fetch() -> list[dict[str, Any]]:
-        async with MarketoClient(credentials, timeout=config.delivery.timeout, max_connections=1) as client:
-            await authenticate(client)
-            return await fetch_schema(client)
-
     mapped = {m.field for m in config.mappings}
-    rows = filter_fields(asyncio.run(fetch()), match)
+    rows = filter_fields(read_lead_fields(credentials, config.delivery.timeout), match)
     for f in rows:
         f["mapped"] = f["name"] in mapped or f["name"] == config.lookup_field
     return rows

@@ -12,10 +12,10 @@ from typing import ClassVar
 # The contract with cron, systemd and alerting (README "Exit codes"; `sync --help` lists it).
 EXIT_CODES = {
     0: "every lead delivered or expectedly skipped",
-    1: "some records rejected, or leads failed or were skipped unexpectedly",
+    1: "records rejected, or leads failed or skipped unexpectedly",
     2: "usage or config error: nothing was sent",
-    3: "run aborted, a human must act: credentials, access, quota, unreachable, interrupted",
-    4: "the state is locked by a run still going: nothing was done (safe to ignore)",
+    3: "aborted, a human must act (credentials, access, quota, crash)",
+    4: "the state is locked by a run still going (safe to ignore)",
 }
 
 

@@ -14,9 +14,16 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"didomi-marketo {summary['mode']}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("count", justify="right")
-    inp = summary["input"]
     leads = summary["leads"]
-    rows: list[tuple[str, Any]] = [
+    rows: list[tuple[str, Any]] = []
+    if "input" not in summary:  # a retry reads a report, not inputs: the same table from "leads"
+        rows += [
+            ("leads retryable in the report", leads["retryable"]),
+            ("  unchanged since (a newer sync sent them)", leads["unchanged"]),
+        ]
+        return _with_delivery(table, rows, summary)
+    inp = summary["input"]
+    rows += [
         ("files read", inp["files"]),
         *(
             [("  files skipped (not data, or not regular files)", inp["files_skipped"])]
@@ -39,7 +46,11 @@ def summary_table(summary: dict[str, Any]) -> Table:
         rows.append(("  unchanged since last sync", leads["unchanged"]))
     if leads.get("rechecked"):
         rows.append(("  re-checked skipped leads", leads["rechecked"]))
-    rows.append(("leads to send", leads["to_send"]))
+    return _with_delivery(table, rows, summary)
+
+
+def _with_delivery(table: Table, rows: list[tuple[str, Any]], summary: dict[str, Any]) -> Table:
+    rows.append(("leads to send", summary["leads"]["to_send"]))
     d = summary.get("delivery")
     if d:
         rows += [
@@ -83,7 +94,7 @@ def fields_table(summary: dict[str, Any]) -> Table:
 
 def print_summary(console: Console, summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
     console.print(summary_table(summary))
-    if summary["mode"] == "dry-run" or summary["leads"]["to_send"]:
+    if "fields" in summary and (summary["mode"] == "dry-run" or summary["leads"]["to_send"]):
         console.print(fields_table(summary))
     if summary["mode"] == "dry-run" and samples:
         console.print("[bold]sample payloads[/bold]")

@@ -35,11 +35,11 @@ class Report:
     def __init__(
         self,
         directory: str | Path | None,
-        on_rejected: Callable[[str], None] | None = None,
+        on_rejected: Callable[[dict[str, Any]], None] | None = None,
         show_limit: int = SHOW_ISSUES,
     ):
         self.directory = Path(directory) if directory else None
-        self.on_rejected = on_rejected  # prints "path:line: reason" on stderr
+        self.on_rejected = on_rejected  # logs {source, reason, key} on stderr as found
         self.show_limit = show_limit
         self._files: dict[str, IO[bytes]] = {}
         self.shown = 0
@@ -72,7 +72,7 @@ class Report:
         self._write("rejected", entry)
         if self.on_rejected is not None and self.shown < self.show_limit:
             self.shown += 1
-            self.on_rejected(f"{where}: {reason}")
+            self.on_rejected(entry)
 
     # -- lead outcomes ------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, ParamSpec, cast
+from typing import IO, Any, ParamSpec, TypeVar, cast
 
 import orjson
 
@@ -45,6 +45,8 @@ SAMPLES = 3
 DEFAULT_BULK_THRESHOLD = 50_000
 VIA = ("auto", "rest", "bulk")
 BULK_CALLS_PER_FILE = 3  # an upload and about two polls (measured: 15 files, 15 uploads + 35 polls)
+T = TypeVar("T")
+Progress = Callable[[str, int, int | None], None]  # (phase: read|plan|deliver, done, total or None)
 
 
 @dataclass
@@ -143,7 +145,7 @@ def run_sync(
     resumed: DeliveryStats | None = None
     preflight: Preflight | None = None
     timings: dict[str, float] = {}
-    with open_state(options) as store:
+    with open_state(options, warn) as store:
         fold = build_fold(config, report.issue, options.spill_threshold)
         if store is not None and credentials is not None and not options.dry_run:
             store.bind_instance(credentials.base_url)
@@ -156,11 +158,12 @@ def run_sync(
                 preflight = Preflight(credentials, config, store, options, warn)
             inputs = InputFilter(store, options.full, config) if store is not None else None
             read_started = time.monotonic()
-            read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window,
-                      jobs=options.jobs or default_jobs(),
-                      on_start=preflight.start if preflight else None,
-                      check=preflight.check if preflight else None,
-                      max_line_bytes=options.max_line_bytes)  # fmt: skip
+            with _reading_progress(on_progress, input_stats):
+                read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window,
+                          jobs=options.jobs or default_jobs(),
+                          on_start=preflight.start if preflight else None,
+                          check=preflight.check if preflight else None,
+                          max_line_bytes=options.max_line_bytes)  # fmt: skip
             fold_ended = time.monotonic()
             if preflight is not None:
                 preflight.finish(store)  # raises what it found (bad credentials, missing fields)
@@ -184,7 +187,10 @@ def run_sync(
             )  # fmt: skip
             output = _open_output(options.output)
             try:
-                tee = _Tee(planner.plan(fold.leads()), output)
+                leads = fold.leads()
+                if options.dry_run and on_progress is not None:  # a sync shows delivery instead
+                    leads = _planning_progress(leads, on_progress, folded)
+                tee = _Tee(planner.plan(leads), output)
                 delivery = send_updates(config, credentials, options, tee, report, store, sinks, clock,
                                         on_progress, folded, warn, resumed=resumed,
                                         preflight=preflight)  # fmt: skip
@@ -205,7 +211,9 @@ def run_sync(
                         # state: the next sync may skip them while they stay unchanged.
                         store.remember_inputs(inputs.units)
             finally:
-                if output is not None:
+                if output is sys.stdout.buffer:
+                    output.flush()
+                elif output is not None:
                     output.close()
         finally:
             fold.close()
@@ -253,6 +261,44 @@ def deletions_warning(n: int, deletions: str) -> str:
     return f"{n} user.deleted record(s), often erasure requests, were {done}; see ignored.ndjson"
 
 
+@contextmanager
+def _reading_progress(on_progress: Progress | None, stats: InputStats, every: float = 0.25) -> Iterator[None]:
+    """The read phase (records read so far), reported from a timer thread so that the read
+    loop itself, the hot path of a backfill, carries no callback."""
+    if on_progress is None:
+        yield
+        return
+    report: Progress = on_progress  # narrowed for the thread
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            report("read", stats.records, None)
+
+    report("read", 0, None)
+    ticker = threading.Thread(target=tick, name="read-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+        report("read", stats.records, stats.records)
+
+
+def _planning_progress(
+    leads: Iterable[T], on_progress: Progress, total: int, every: int = 1000
+) -> Iterator[T]:
+    """The plan phase of a dry run: folded leads mapped so far, of `total`."""
+    done = 0
+    for lead in leads:
+        done += 1
+        if done % every == 0:
+            on_progress("plan", done, total)
+        yield lead
+    on_progress("plan", done, total)
+
+
 def _warnings(on_warning: Callable[[str], None] | None) -> tuple[list[str], Callable[[str], None]]:
     """A list that collects warnings, and the callback that adds to it and passes each on."""
     found: list[str] = []
@@ -268,6 +314,8 @@ def _warnings(on_warning: Callable[[str], None] | None) -> tuple[list[str], Call
 def _open_output(path: str | None) -> IO[bytes] | None:
     if path is None:
         return None
+    if path == "-":  # stdout, as Unix tools read `-` (run_sync flushes it, never closes it)
+        return sys.stdout.buffer
     try:
         return open(path, "wb")  # noqa: SIM115 - closed by run_sync
     except OSError as e:
@@ -275,16 +323,24 @@ def _open_output(path: str | None) -> IO[bytes] | None:
 
 
 @contextmanager
-def open_state(options: SyncOptions) -> Iterator[StateStore | None]:
+def open_state(
+    options: SyncOptions, warn: Callable[[str], None] | None = None
+) -> Iterator[StateStore | None]:
     """The state store with its lock (a dry run only reads it, so it takes no lock)."""
     if not options.state:
         yield None
         return
     if options.dry_run:
-        # A preview never creates, migrates or locks a state: a mistyped path must not
-        # silently become an empty state that "would send everything".
-        if not Path(options.state).is_file():
-            raise ConfigError(f"--state {options.state}: no such state file (a dry run does not create one)")
+        # A preview never creates, migrates or locks a state. One that does not exist yet is
+        # previewed as the first run it would be (everything sent), said out loud in case the
+        # path is a typo.
+        if not Path(options.state).exists():
+            if warn is not None:
+                warn(
+                    f"--state {options.state} does not exist yet: previewing a first run (nothing is created)"
+                )
+            yield None
+            return
         store = StateStore(options.state, readonly=True)
         try:
             yield store

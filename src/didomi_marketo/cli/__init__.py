@@ -5,16 +5,13 @@ Each command module registers its commands here, explicitly; `common` holds what
 
 from __future__ import annotations
 
-from didomi_marketo.cli import compliance, run, sandbox, state, workbench
-from didomi_marketo.cli.common import app
+from didomi_marketo.cli import compliance, init, run, sandbox, state, workbench
+from didomi_marketo.cli.common import app, main
+from didomi_marketo.cli.examples import add_examples
 
-for _module in (run, workbench, state, compliance, sandbox):
+for _module in (init, run, workbench, state, compliance, sandbox):
     _module.register(app)
-
-
-def main() -> None:
-    """Console entry point."""
-    app()
+add_examples(app)  # cli/examples.py: 2-3 real command lines at the end of each --help
 
 
 __all__ = ["app", "main"]

@@ -1,5 +1,7 @@
-"""What every command shares: the consoles, option types declared once, error -> exit code,
-the progress bar, the run log. Commands live in their own modules (run, state, workbench...).
+"""What every command shares: the consoles, option types declared once (with their help text and
+DIDOMI_MARKETO_* environment variable), error -> exit code, the progress bar, and the log
+(`logs`: every stderr line, text or JSON). Commands live in their own modules (run, state,
+workbench...); each registers itself with `register(app)` and takes its examples from `examples`.
 
 Exit codes (errors.EXIT_CODES): 0 all delivered or expectedly skipped; 1 some records rejected
 or leads failed/skipped unexpectedly; 2 usage or config error; 3 run aborted (credentials,
@@ -9,24 +11,24 @@ access, quota, unreachable); 4 the state is locked by a run still going.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sqlite3
 import sys
-import time
 from collections.abc import Callable
 from datetime import date
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from didomi_marketo import __version__
+from didomi_marketo import __version__, logs
 from didomi_marketo.config import MAX_CONCURRENCY, RATE_CALLS, Config, load_config
 from didomi_marketo.didomi.readers import DateWindow
 from didomi_marketo.errors import ConfigError, DidomiMarketoError
-from didomi_marketo.marketo.redact import redact, redact_bytes
 from didomi_marketo.render import print_summary
 from didomi_marketo.report import SHOW_ISSUES, Report
 from didomi_marketo.sync import RunResult
@@ -35,18 +37,34 @@ app = typer.Typer(
     name="didomi-marketo",
     help="Sync Didomi consent (exports, events, webhooks, API pages) into Marketo lead fields.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: reads well at 80 columns and in a pager, and shows flags as flags (typer
+    # 0.29's rich panels print `--dry-run <bool>` and squeeze the help into a narrow column).
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100, "help_option_names": ["--help", "-h"]},
 )
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
+ENV = "DIDOMI_MARKETO_"  # every option cron needs can come from the environment (flag > env > file)
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
 ConfigOpt = Annotated[
-    Path, typer.Option("--config", "-c", help="Didomi Marketo integration config (JSON or YAML).")
-]
+    Path,
+    typer.Option(
+        "--config", "-c", envvar=ENV + "CONFIG", metavar="FILE",
+        help="The Didomi Marketo integration config (JSON or YAML).",
+    ),
+]  # fmt: skip
 PathsArg = Annotated[
-    list[str], typer.Argument(help="Files, folders (recursive), s3:// or gs:// URLs, or - for stdin.")
+    list[str],
+    typer.Argument(metavar="PATH", help="Files, folders (recursive), s3:// or gs:// URLs, or - for stdin."),
 ]
 AllowIncompleteOpt = Annotated[
     bool, typer.Option("--allow-incomplete", help="Read export partitions without _SUCCESS.")
@@ -63,44 +81,76 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar a
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print every rejected record.")]
 StateOpt = Annotated[
     Path | None,
-    typer.Option("--state", help="SQLite state: send only what changed since Marketo last confirmed it."),
-]
+    typer.Option(
+        "--state", envvar=ENV + "STATE", metavar="FILE",
+        help="SQLite state: send only what changed since Marketo last confirmed it.",
+    ),
+]  # fmt: skip
 WaitLockOpt = Annotated[
-    float, typer.Option("--wait-lock", min=0, help="Seconds to wait when another run holds the state.")
-]
+    float,
+    typer.Option(
+        "--wait-lock", min=0, envvar=ENV + "WAIT_LOCK", metavar="SECONDS",
+        help="Wait this long when another run holds the state (else exit 4).",
+    ),
+]  # fmt: skip
 ViaOpt = Annotated[
     str,
     typer.Option(
-        "--via", help="rest (Sync Leads), bulk (bulk import), or auto: bulk from --bulk-threshold leads."
+        "--via", metavar="rest|bulk|auto",
+        help="rest (Sync Leads), bulk (bulk import), or auto: bulk from --bulk-threshold leads.",
+    ),
+]  # fmt: skip
+BulkThresholdOpt = Annotated[
+    int,
+    typer.Option(
+        "--bulk-threshold", min=1, metavar="N", help="Leads to send from which --via auto uses bulk import."
     ),
 ]
-BulkThresholdOpt = Annotated[
-    int, typer.Option("--bulk-threshold", min=1, help="Leads to send from which --via auto uses bulk import.")
-]
+LogFormatOpt = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format", envvar=ENV + "LOG_FORMAT",
+        help="text, or json: every stderr line one JSON object (for log collectors).",
+    ),
+]  # fmt: skip
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--report", envvar=ENV + "REPORT", metavar="DIR",
+        help="Write summary.json and NDJSON outcome files here.",
+    ),
+]  # fmt: skip
+MaxCallsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-calls", min=1, envvar=ENV + "MAX_CALLS", metavar="N",
+        help="Cap the Marketo calls this run may spend.",
+    ),
+]  # fmt: skip
 MaxCallsPer20sOpt = Annotated[
     int | None,
     typer.Option(
-        "--max-calls-per-20s", min=1, max=RATE_CALLS, help=f"Share of the {RATE_CALLS} calls/20 s limit."
+        "--max-calls-per-20s", min=1, max=RATE_CALLS, envvar=ENV + "MAX_CALLS_PER_20S", metavar="N",
+        help=f"Our share of Marketo's {RATE_CALLS} calls per 20 s (default {RATE_CALLS}).",
     ),
-]
+]  # fmt: skip
 MaxConcurrencyOpt = Annotated[
     int | None,
     typer.Option(
-        "--max-concurrency",
-        min=1,
-        max=MAX_CONCURRENCY,
-        help=f"Share of the {MAX_CONCURRENCY} concurrent calls.",
+        "--max-concurrency", min=1, max=MAX_CONCURRENCY, envvar=ENV + "MAX_CONCURRENCY", metavar="N",
+        help=f"Our share of Marketo's {MAX_CONCURRENCY} concurrent calls (default {MAX_CONCURRENCY}).",
     ),
-]
+]  # fmt: skip
 DailyQuotaOpt = Annotated[
-    int, typer.Option("--daily-quota", min=1, help="Your subscription's daily call quota.")
+    int, typer.Option("--daily-quota", min=1, metavar="N", help="Your subscription's daily call quota.")
 ]
 RateWindowOpt = Annotated[
-    float, typer.Option("--rate-window", min=0.1, help="Seconds of the rate window (20; less for a sandbox).")
-]
-LogFormatOpt = Annotated[
-    str, typer.Option("--log-format", help="text, or json: one JSON object a line on stderr (for cron).")
-]
+    float,
+    typer.Option(
+        "--rate-window", min=0.1, metavar="SECONDS",
+        help="Length of Marketo's rate window (20; less only for a sandbox).",
+    ),
+]  # fmt: skip
 
 
 def _version(value: bool) -> None:
@@ -116,18 +166,22 @@ def _root(
     ] = False,
 ) -> None:
     """Sync Didomi consent into Marketo lead fields."""
+    # Each invocation starts from the environment's log format (tests run many in one process);
+    # a command's --log-format then sets its own.
+    logs.setup(_env_log_format())
 
 
-_json_log: RunLog | None = None  # set by a command run with --log-format json
+def _env_log_format() -> str:
+    fmt = os.environ.get(ENV + "LOG_FORMAT", "text")
+    return fmt if fmt in logs.FORMATS else "text"
 
 
 def say(level: str, message: str) -> None:
-    """One line on stderr: `error: ...`, or a JSON event under --log-format json."""
-    message = redact(message)  # whatever its source, no known secret reaches stderr
-    if _json_log is not None:
-        _json_log.event(level, message=message)
+    """One line on stderr: `error: ...` / `warning: ...`, or a JSON event under --log-format json."""
+    if level == "error":
+        logs.error(message)
     else:
-        err.print(f"{level}: {message}", markup=False, highlight=False, soft_wrap=True)
+        logs.warning(message)
 
 
 def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
@@ -139,19 +193,18 @@ def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
             command(*args, **kwargs)
         except ConfigError as e:
             for problem in e.problems:
-                say("error", problem)
+                logs.error(problem)
             raise typer.Exit(e.exit_code) from None
         except DidomiMarketoError as e:  # each kind carries its exit code (errors.EXIT_CODES)
-            say("error", str(e))
+            logs.error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:
+            raise typer.Exit(quiet_broken_pipe()) from None
         except (OSError, sqlite3.Error) as e:  # the disk, not the data: one line, run aborted
             where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            say("error", f"{where}{reason}")
+            logs.error(f"{where}{reason}")
             raise typer.Exit(3) from None
-        finally:
-            global _json_log
-            _json_log = None  # one command's --log-format never leaks into the next (tests)
 
     return wrapper
 
@@ -174,12 +227,31 @@ def date_window(since: str | None, until: str | None) -> DateWindow:
     return DateWindow(since, until)
 
 
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (`| head`): stop quietly with 0, as Unix tools do.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush cannot complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test runner's buffer)
+        pass
+    return 0
+
+
 def load_config_with(config_path: Path, upsert: bool | None = None) -> Config:
     return load_config(config_path).with_upsert(upsert)
 
 
+PHASES = {  # the bar's label per phase of a run (sync.run_sync's on_progress)
+    "read": "reading and folding records",
+    "plan": "planning leads",
+    "deliver": "delivering leads",
+}
+
+
 class ProgressBar:
-    """A rich progress bar on a terminal; nothing otherwise."""
+    """A rich progress bar on a terminal, labelled by phase; nothing otherwise."""
 
     def __init__(self, enabled: bool):
         self.bar = None
@@ -188,7 +260,7 @@ class ProgressBar:
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), console=err, transient=True,
             )  # fmt: skip
-            self.task = self.bar.add_task("delivering leads", total=None)
+            self.task = self.bar.add_task("starting", total=None)
 
     def __enter__(self) -> ProgressBar:
         if self.bar is not None:
@@ -199,9 +271,9 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.stop()
 
-    def update(self, stage: str, done: int, total: int | None) -> None:
+    def update(self, phase: str, done: int, total: int | None) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total)
+            self.bar.update(self.task, completed=done, total=total, description=PHASES.get(phase, phase))
 
 
 def print_warning(warning: str) -> None:
@@ -209,14 +281,12 @@ def print_warning(warning: str) -> None:
     say("warning", warning)
 
 
-def finish(result: RunResult, quiet: bool) -> None:
-    if not quiet:
-        if not result.summary.is_retry:
-            print_summary(out, result.summary.to_json(), result.samples)
-        else:
-            out.print_json(orjson.dumps(result.summary.to_json()).decode())
+def finish(result: RunResult, quiet: bool, console: Console | None = out) -> None:
+    """The summary table (on `console`: stdout; None: nowhere), the fatal error if any, the exit."""
+    if not quiet and console is not None:
+        print_summary(console, result.summary.to_json(), result.samples)
     if result.fatal:
-        say("error", result.fatal)
+        logs.error(result.fatal)
     raise typer.Exit(result.exit_code)
 
 
@@ -225,44 +295,102 @@ def with_delivery(cfg: Config, max_calls: int | None, per_20s: int | None, concu
 
 
 def make_report(directory: Path | None, verbose: bool, log: RunLog | None = None) -> Report:
-    def show(line: str) -> None:
-        if log is not None and not log.is_text:
-            log.event("rejected", record=line)
-        else:
-            err.print(line, markup=False, highlight=False, soft_wrap=True)
+    """A report whose rejected records are logged as found (the first 20, or all with -v)."""
+
+    def show(entry: dict[str, Any]) -> None:
+        logs.rejected(entry["source"], entry["reason"], entry.get("key"))
 
     return Report(directory, on_rejected=show, show_limit=sys.maxsize if verbose else SHOW_ISSUES)
 
 
-class RunLog:
-    """`--log-format json`: one JSON object a line on stderr (start, progress, end) for collectors."""
+def more_rejected(report: Report, directory: Path | None) -> None:
+    """The "... and N more" notice after the first rejected records (an event in JSON too)."""
+    if report.unshown:
+        where = f"see {directory}/rejected.ndjson" if directory else "use --report DIR to list them all"
+        logs.event(
+            "rejected_more", f"... and {report.unshown} more rejected records ({where})",
+            level=logging.WARNING, bare=True, count=report.unshown,
+            file=str(directory / "rejected.ndjson") if directory else None,
+        )  # fmt: skip
 
-    def __init__(self, fmt: str, every: float = 10.0):
+
+class RunLog:
+    """What a delivering command logs for collectors: `start`, `progress` (each new phase, then
+    every 10 s), `end` with the summary. On a terminal the bar and the table say the same."""
+
+    def __init__(self, fmt: str):
         self.is_text = fmt == "text"
-        self.every = every
-        self._last = 0.0
+        self._progress = logs.ProgressLog()
 
     def event(self, name: str, **fields: Any) -> None:
-        if not self.is_text:
-            record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": name, **fields}
-            sys.stderr.write(redact_bytes(orjson.dumps(record, default=str)).decode() + "\n")
-            sys.stderr.flush()
+        logs.event(name, **fields)
 
     def progress(self, bar: Callable[[str, int, int | None], None]) -> Callable[[str, int, int | None], None]:
-        def update(stage: str, done: int, total: int | None) -> None:
-            bar(stage, done, total)
-            now = time.monotonic()
-            if not self.is_text and now - self._last >= self.every:
-                self._last = now
-                self.event("progress", stage=stage, done=done, total=total)
+        def update(phase: str, done: int, total: int | None) -> None:
+            bar(phase, done, total)
+            self._progress(phase, done, total)
 
         return update
 
 
 def run_log(fmt: str) -> RunLog:
-    global _json_log
-    if fmt not in ("text", "json"):
-        raise ConfigError(f"--log-format {fmt!r}: expected text or json")
-    log = RunLog(fmt)
-    _json_log = None if log.is_text else log
-    return log
+    """Set this command's log format (`--log-format`) and return its run log."""
+    logs.setup(str(fmt))
+    return RunLog(str(fmt))
+
+
+def _log_format_in(args: list[str]) -> str:
+    """`--log-format` as given, read before click parses (a usage error must honour it too)."""
+    fmt = _env_log_format()
+    for i, arg in enumerate(args):
+        if arg == "--log-format" and i + 1 < len(args):
+            fmt = args[i + 1]
+        elif arg.startswith("--log-format="):
+            fmt = arg.split("=", 1)[1]
+    return fmt if fmt in logs.FORMATS else "text"
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: every way out goes through the log and ends in a documented exit code.
+
+    click's own handling prints usage errors as text and lets crashes out as bare tracebacks;
+    here a usage error is one `usage_error` event under --log-format json, a crash one `crash`
+    event (exit 3: a human must act), and a closed stdout (`| head`) a quiet exit 0."""
+    import typer.main
+
+    argv = sys.argv[1:] if args is None else args
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(argv, prog_name="didomi-marketo", standalone_mode=False)
+    except typer.Exit as e:
+        code = e.exit_code
+    except typer.Abort:
+        logs.setup(_log_format_in(argv))
+        logs.error("aborted")
+        code = 3
+    except BrokenPipeError:
+        code = quiet_broken_pipe()
+    except Exception as e:
+        usage = _usage_error(e)
+        logs.setup(_log_format_in(argv))
+        if usage is None:
+            logs.crash(e)
+            code = 3
+        elif logs.is_json():
+            ctx = getattr(e, "ctx", None)
+            logs.error(
+                e.format_message(), "usage_error",  # type: ignore[attr-defined]
+                command=ctx.command_path if ctx is not None else "didomi-marketo",
+            )  # fmt: skip
+            code = usage
+        else:
+            e.show()  # type: ignore[attr-defined]  # click's usage line, the error, the --help hint
+            code = usage
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_error(e: Exception) -> int | None:
+    """The exit code of a click usage error (bad option, missing argument...), else None."""
+    from typer._click.exceptions import ClickException  # typer 0.29 vendors click
+
+    return e.exit_code if isinstance(e, ClickException) else None

@@ -35,7 +35,9 @@ from didomi_marketo.render import print_explanation, print_reconcile
 
 OptionalPathsArg = Annotated[
     list[str] | None,
-    typer.Argument(help="Files, folders (recursive) or - for stdin; none: use the state alone."),
+    typer.Argument(
+        metavar="PATH", help="Files, folders (recursive) or - for stdin; none: use the state alone."
+    ),
 ]
 
 
@@ -48,14 +50,20 @@ def reconcile(
         bool, typer.Option("--fix", help="Send the drifted leads through the normal delivery engine.")
     ] = False,
     since: Annotated[
-        str | None, typer.Option("--since", help="Only leads whose consent changed after this date/time.")
+        str | None,
+        typer.Option(
+            "--since", metavar="WHEN", help="Only leads whose consent changed after this date/time."
+        ),
     ] = None,
     report: Annotated[
         Path | None,
-        typer.Option("--report", help="Write summary.json and drift.ndjson (and --fix outcomes) here."),
+        typer.Option(
+            "--report", metavar="DIR", help="Write summary.json and drift.ndjson (and --fix outcomes) here."
+        ),
     ] = None,
     max_calls: Annotated[
-        int | None, typer.Option("--max-calls", min=1, help="Refuse to spend more Marketo calls than this.")
+        int | None,
+        typer.Option("--max-calls", min=1, metavar="N", help="Refuse to spend more Marketo calls than this."),
     ] = None,
     daily_quota: DailyQuotaOpt = DEFAULT_DAILY_QUOTA,
     max_calls_per_20s: MaxCallsPer20sOpt = None,
@@ -89,16 +97,23 @@ def reconcile(
 @expected_errors
 def explain(
     key: Annotated[
-        str, typer.Argument(help="The lead key: an email, or a lead id (as the config's user_identifier).")
+        str,
+        typer.Argument(
+            metavar="KEY", help="The lead key: an email, or a lead id (as the config's user_identifier)."
+        ),
     ],
     config: ConfigOpt,
     paths: OptionalPathsArg = None,
     state: StateOpt = None,
     report: Annotated[
         list[Path] | None,
-        typer.Option("--report", help="A --report DIR of a sync, reconcile or retry (repeatable)."),
+        typer.Option(
+            "--report", metavar="DIR", help="A --report DIR of a sync, reconcile or retry (repeatable)."
+        ),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table, or json (one document on stdout).")] = "table",
+    fmt: Annotated[
+        str, typer.Option("--format", metavar="table|json", help="table, or json (one document on stdout).")
+    ] = "table",
     allow_incomplete: AllowIncompleteOpt = False,
 ) -> None:
     """Explain one person's consent: every record that touched KEY, in fold order, what won each

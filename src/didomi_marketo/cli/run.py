@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from didomi_marketo import logs
 from didomi_marketo.cli.common import (
     AllowIncompleteOpt,
     BulkThresholdOpt,
     ConfigOpt,
     DailyQuotaOpt,
+    LogFormat,
     LogFormatOpt,
+    MaxCallsOpt,
     MaxCallsPer20sOpt,
     MaxConcurrencyOpt,
     PathsArg,
     ProgressBar,
     QuietOpt,
     RateWindowOpt,
+    ReportOpt,
     SinceOpt,
     StateOpt,
     UntilOpt,
@@ -31,18 +36,19 @@ from didomi_marketo.cli.common import (
     finish,
     load_config_with,
     make_report,
+    more_rejected,
+    out,
     print_warning,
     run_log,
     with_delivery,
 )
 from didomi_marketo.config import (
     DEFAULT_DAILY_QUOTA,
-    MAX_CONCURRENCY,
-    RATE_CALLS,
     RATE_WINDOW_SECONDS,
 )
 from didomi_marketo.didomi.readers import MAX_LINE_BYTES
 from didomi_marketo.errors import ConfigError
+from didomi_marketo.outcomes import LeadOutcome
 from didomi_marketo.sync import DEFAULT_BULK_THRESHOLD, SyncOptions, run_retry, run_sync
 
 
@@ -57,18 +63,17 @@ def sync(
         bool | None,
         typer.Option("--upsert/--no-upsert", help="Override upsert_mode (create leads or only update)."),
     ] = None,
-    report: Annotated[
-        Path | None, typer.Option("--report", help="Write summary.json and NDJSON outcome files here.")
-    ] = None,
+    report: ReportOpt = None,
     output: Annotated[
-        Path | None, typer.Option("--output", help="Dry run: write every payload as NDJSON.")
+        str | None,
+        typer.Option(
+            "--output", metavar="FILE", help="Dry run: write every payload as NDJSON (- for stdout)."
+        ),
     ] = None,
     allow_incomplete: AllowIncompleteOpt = False,
     since: SinceOpt = None,
     until: UntilOpt = None,
-    max_calls: Annotated[
-        int | None, typer.Option("--max-calls", min=1, help="Cap the Marketo calls this run may spend.")
-    ] = None,
+    max_calls: MaxCallsOpt = None,
     max_calls_per_20s: MaxCallsPer20sOpt = None,
     max_concurrency: MaxConcurrencyOpt = None,
     daily_quota: DailyQuotaOpt = DEFAULT_DAILY_QUOTA,
@@ -76,7 +81,10 @@ def sync(
     max_line_bytes: Annotated[
         int,
         typer.Option(
-            "--max-line-bytes", min=1024, help="Reject an input line (or JSON document) longer than this."
+            "--max-line-bytes",
+            min=1024,
+            metavar="BYTES",
+            help="Reject an input line (or JSON document) longer than this.",
         ),
     ] = MAX_LINE_BYTES,
     state: StateOpt = None,
@@ -94,7 +102,13 @@ def sync(
     bulk_threshold: BulkThresholdOpt = DEFAULT_BULK_THRESHOLD,
     jobs: Annotated[
         int | None,
-        typer.Option("--jobs", "-j", min=1, help="Processes reading and folding input (default: the cores)."),
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            metavar="N",
+            help="Processes reading and folding input (default: the cores).",
+        ),
     ] = None,
     recheck_skipped: Annotated[
         bool,
@@ -104,7 +118,7 @@ def sync(
             "as not found (1004) or ambiguous (1007), e.g. leads created since.",
         ),
     ] = False,
-    log_format: LogFormatOpt = "text",
+    log_format: LogFormatOpt = LogFormat.text,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -116,7 +130,7 @@ def sync(
     state_path = str(state) if state else cfg.state
     options = SyncOptions(
         paths=paths, dry_run=dry_run, allow_incomplete=allow_incomplete,
-        output=str(output) if output else None, rate_window=rate_window, daily_quota=daily_quota,
+        output=output, rate_window=rate_window, daily_quota=daily_quota,
         state=state_path, full=full, wait_lock=wait_lock, check_schema=not skip_schema_check,
         window=date_window(since, until),
         via=via, bulk_threshold=bulk_threshold, jobs=jobs,
@@ -134,31 +148,24 @@ def sync(
         )  # fmt: skip
     if verbose:
         for name in result.summary.inputs.skipped_files if result.summary.inputs else []:
-            err.print(f"{name}: skipped (not data)", markup=False, highlight=False, soft_wrap=True)
-    if rep.unshown and not verbose:
-        err.print(
-            f"... and {rep.unshown} more rejected records"
-            + (f" (see {report}/rejected.ndjson)" if report else " (use --report DIR to list them all)"),
-            markup=False,
-        )
+            logs.event("skipped_file", f"{name}: skipped (not data)", file=name)
+    else:
+        more_rejected(rep, report)
     log.event("end", summary=result.summary.to_json())
-    finish(result, quiet)
+    # `--output -` owns stdout: the table goes to stderr (in text; the `end` event has it in JSON).
+    finish(result, quiet, out if output != "-" else err if log.is_text else None)
 
 
 @expected_errors
 def retry(
-    report_dir: Annotated[Path, typer.Argument(help="The --report DIR of an earlier run.")],
+    report_dir: Annotated[Path, typer.Argument(metavar="DIR", help="The --report DIR of an earlier run.")],
     config: ConfigOpt,
-    report: Annotated[Path | None, typer.Option("--report", help="Write the new report here.")] = None,
+    report: ReportOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be re-sent.")] = False,
-    max_calls: Annotated[int | None, typer.Option("--max-calls", min=1)] = None,
-    max_calls_per_20s: Annotated[
-        int | None, typer.Option("--max-calls-per-20s", min=1, max=RATE_CALLS)
-    ] = None,
-    max_concurrency: Annotated[
-        int | None, typer.Option("--max-concurrency", min=1, max=MAX_CONCURRENCY)
-    ] = None,
-    rate_window: Annotated[float, typer.Option("--rate-window", min=0.1)] = RATE_WINDOW_SECONDS,
+    max_calls: MaxCallsOpt = None,
+    max_calls_per_20s: MaxCallsPer20sOpt = None,
+    max_concurrency: MaxConcurrencyOpt = None,
+    rate_window: RateWindowOpt = RATE_WINDOW_SECONDS,
     state: StateOpt = None,
     wait_lock: WaitLockOpt = 0.0,
     via: ViaOpt = "auto",
@@ -167,6 +174,7 @@ def retry(
         list[Path] | None,
         typer.Option(
             "--newer",
+            metavar="REPORT",
             help="Without --state: a report of a later run; its newer consent is kept (repeatable).",
         ),
     ] = None,
@@ -174,13 +182,18 @@ def retry(
         bool,
         typer.Option("--force", help="Re-send without a state, even if a newer sync sent newer consent."),
     ] = False,
+    log_format: LogFormatOpt = LogFormat.text,
     quiet: QuietOpt = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print every lead still not delivered, with its reason.")
+    ] = False,
 ) -> None:
     """Re-send exactly the retryable leads of an earlier report, and write a fresh report.
 
     With --state, a lead that a newer sync already delivered is not rolled back. Without one,
     retry refuses (a newer sync may have sent newer consent) unless --force.
     """
+    log = run_log(log_format)
     if not (report_dir / "undelivered.ndjson").is_file():
         raise ConfigError(f"{report_dir}: not a didomi-marketo report (no undelivered.ndjson)")
     if report is not None and report.resolve() == report_dir.resolve():
@@ -191,13 +204,29 @@ def retry(
         paths=[], dry_run=dry_run, rate_window=rate_window,
         state=str(state) if state else cfg.state, wait_lock=wait_lock, via=via, bulk_threshold=bulk_threshold,
     )  # fmt: skip
-    with ProgressBar(not quiet) as progress:
+    log.event("start", command="retry", from_report=str(report_dir), dry_run=dry_run, config=cfg.identity())
+    with ProgressBar(not quiet and log.is_text) as progress:
         result = run_retry(
-            cfg, str(report_dir), make_report(report, False), dry_run=dry_run,
-            credentials=credentials, options=options, on_progress=progress.update, on_warning=print_warning,
+            cfg, str(report_dir), make_report(report, verbose, log), dry_run=dry_run,
+            credentials=credentials, options=options, on_progress=log.progress(progress.update),
+            on_warning=print_warning, sinks=[LogUndelivered()] if verbose else None,
             force=force, newer=[str(d) for d in newer or []],
         )  # fmt: skip
+    log.event("end", summary=result.summary.to_json())
     finish(result, quiet)
+
+
+class LogUndelivered:
+    """`retry -v`: each lead that is still not delivered, as it is known (key, code, reason)."""
+
+    def batch_done(self, outcomes: list[LeadOutcome]) -> None:
+        for o in outcomes:
+            if not o.delivered:
+                logs.event(
+                    "undelivered", f"{o.key}: {o.status} {o.code} {o.reason}".replace("  ", " "),
+                    level=logging.WARNING, bare=True, key=o.key, status=o.status, code=o.code,
+                    reason=o.reason, retryable=o.retryable,
+                )  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

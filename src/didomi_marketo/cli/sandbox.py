@@ -13,26 +13,35 @@ from didomi_marketo.errors import ConfigError
 
 @expected_errors
 def sandbox(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8787,
-    host: Annotated[str, typer.Option(help="Loopback address to listen on.")] = "127.0.0.1",
-    leads: Annotated[Path | None, typer.Option(help="JSON array of existing leads to seed.")] = None,
-    client_id: Annotated[str, typer.Option(help="Accepted client id.")] = "sandbox-client",
-    client_secret: Annotated[str, typer.Option(help="Accepted client secret.")] = "sandbox-secret",
-    rate_calls: Annotated[int, typer.Option(help="Calls allowed per rate window.")] = 100,
-    rate_window: Annotated[float, typer.Option(help="Rate window in seconds.")] = 20.0,
-    max_concurrency: Annotated[int, typer.Option(help="Calls allowed in flight.")] = 10,
-    daily_quota: Annotated[int, typer.Option(help="Calls allowed per day.")] = 50_000,
-    token_ttl: Annotated[float, typer.Option(help="Seconds an access token lives.")] = 3600.0,
-    latency: Annotated[float, typer.Option(help="Seconds each REST call takes.")] = 0.0,
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port on 127.0.0.1 (0 picks a free one).")] = 8787,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Loopback address to listen on.")] = "127.0.0.1",
+    leads: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="JSON array of existing leads to seed.")
+    ] = None,
+    client_id: Annotated[str, typer.Option(metavar="ID", help="Accepted client id.")] = "sandbox-client",
+    client_secret: Annotated[
+        str, typer.Option(metavar="SECRET", help="Accepted client secret.")
+    ] = "sandbox-secret",
+    rate_calls: Annotated[int, typer.Option(metavar="N", help="Calls allowed per rate window.")] = 100,
+    rate_window: Annotated[float, typer.Option(metavar="SECONDS", help="Rate window in seconds.")] = 20.0,
+    max_concurrency: Annotated[int, typer.Option(metavar="N", help="Calls allowed in flight.")] = 10,
+    daily_quota: Annotated[int, typer.Option(metavar="N", help="Calls allowed per day.")] = 50_000,
+    token_ttl: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds an access token lives.")
+    ] = 3600.0,
+    latency: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds each REST call takes.")] = 0.0,
     bulk_queued_seconds: Annotated[
-        float, typer.Option(help="Seconds a bulk import job stays Queued at least.")
+        float, typer.Option(metavar="SECONDS", help="Seconds a bulk import job stays Queued at least.")
     ] = 1.0,
     bulk_import_seconds: Annotated[
-        float, typer.Option(help="Seconds a bulk import job imports (plus 100,000 rows/s).")
+        float,
+        typer.Option(metavar="SECONDS", help="Seconds a bulk import job imports (plus 100,000 rows/s)."),
     ] = 2.0,
     fault: Annotated[
         list[str] | None,
-        typer.Option(help="KIND:TIMES, e.g. code:604:3 or http:502:2 or drop:1 (repeatable)."),
+        typer.Option(
+            metavar="KIND:TIMES", help="KIND:TIMES, e.g. code:604:3 or http:502:2 or drop:1 (repeatable)."
+        ),
     ] = None,
 ) -> None:
     """Run a local Marketo-compatible server (for demos and tests; loopback only)."""

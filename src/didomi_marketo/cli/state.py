@@ -15,14 +15,22 @@ from didomi_marketo.errors import ConfigError
 from didomi_marketo.state import StateStore, lead_record, reset_state
 
 state_app = typer.Typer(help="Inspect or reset the state store of incremental syncs.", no_args_is_help=True)
-StateFileArg = Annotated[Path, typer.Option("--state", help="The state file (as given to sync --state).")]
+StateFileArg = Annotated[
+    Path,
+    typer.Option(
+        "--state",
+        envvar="DIDOMI_MARKETO_STATE",
+        metavar="FILE",
+        help="The state file (as given to sync --state).",
+    ),
+]
 
 
 @state_app.command("show")
 @expected_errors
 def state_show(
     state: StateFileArg,
-    key: Annotated[str | None, typer.Argument(help="A lead key (email or lead id).")] = None,
+    key: Annotated[str | None, typer.Argument(metavar="KEY", help="A lead key (email or lead id).")] = None,
 ) -> None:
     """Counts, or one lead's last confirmed values, pending payload and skip reason."""
     store = StateStore(state, readonly=True)

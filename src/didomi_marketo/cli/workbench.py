@@ -45,17 +45,31 @@ def preview(
     config: ConfigOpt,
     compare: Annotated[
         Path | None,
-        typer.Option("--compare", help="The current config: count and show what NEW changes against it."),
+        typer.Option(
+            "--compare",
+            metavar="FILE",
+            help="The current config: count and show what NEW changes against it.",
+        ),
     ] = None,
     state: Annotated[
         Path | None,
-        typer.Option("--state", help="Compare with what Marketo last confirmed: what the next sync sends."),
+        typer.Option(
+            "--state",
+            metavar="FILE",
+            help="Compare with what Marketo last confirmed: what the next sync sends.",
+        ),
     ] = None,
     fmt: Annotated[
         PreviewFormat,
-        typer.Option("--format", help="table, json (one document) or csv (one row per lead and field)."),
+        typer.Option(
+            "--format",
+            metavar="table|json|csv",
+            help="table, json (one document) or csv (one row per lead and field).",
+        ),
     ] = PreviewFormat.table,
-    limit: Annotated[int, typer.Option("--limit", min=0, help="Sample leads to show.")] = DEFAULT_SAMPLES,
+    limit: Annotated[
+        int, typer.Option("--limit", min=0, metavar="N", help="Sample leads to show.")
+    ] = DEFAULT_SAMPLES,
     allow_incomplete: AllowIncompleteOpt = False,
 ) -> None:
     """Dry-run a mapping: per Marketo field, what the leads would get (and, with --compare or
@@ -216,14 +230,18 @@ def check(
     ] = None,
     sample: Annotated[
         list[str] | None,
-        typer.Option("--sample", help="Didomi input to look for the mapped ids in (repeatable)."),
+        typer.Option(
+            "--sample", metavar="PATH", help="Didomi input to look for the mapped ids in (repeatable)."
+        ),
     ] = None,
     allow_incomplete: AllowIncompleteOpt = False,
     daily_quota: Annotated[
-        int, typer.Option("--daily-quota", min=1, help="Your subscription's daily call quota.")
+        int, typer.Option("--daily-quota", min=1, metavar="N", help="Your subscription's daily call quota.")
     ] = DEFAULT_DAILY_QUOTA,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too.")] = False,
-    fmt: Annotated[Format, typer.Option("--format", help="table or json.")] = Format.table,
+    fmt: Annotated[
+        Format, typer.Option("--format", metavar="table|json", help="table or json.")
+    ] = Format.table,
 ) -> None:
     """Check a config: offline (validation, transforms, ids in --sample) and, online, every mapped
     field against Marketo's describe (exists, writable, type fits), the lookup field, and quota."""
@@ -285,10 +303,15 @@ def fields(
     match: Annotated[
         str | None,
         typer.Option(
-            "--match", "-m", help="Only fields whose REST or display name contains TEXT, or of type TEXT."
+            "--match",
+            "-m",
+            metavar="TEXT",
+            help="Only fields whose REST or display name contains TEXT, or of type TEXT.",
         ),
     ] = None,
-    fmt: Annotated[Format, typer.Option("--format", help="table or json.")] = Format.table,
+    fmt: Annotated[
+        Format, typer.Option("--format", metavar="table|json", help="table or json.")
+    ] = Format.table,
 ) -> None:
     """List Marketo's lead fields a mapping can target: REST name, display name, type, writable."""
     cfg = load_config(config)

@@ -5,11 +5,13 @@ What the fields *are* lives here; whether a mapping fits them is `check.py`'s qu
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
 from didomi_marketo.errors import FatalError
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy
+from didomi_marketo.marketo.credentials import Credentials
 
 DESCRIBE2_PATH = "/rest/v1/leads/describe2.json"
 DESCRIBE_PATH = "/rest/v1/leads/describe.json"
@@ -100,6 +102,17 @@ async def authenticate(client: MarketoClient) -> None:
         await client.token()
     except CallFailed as e:
         raise FatalError(f"cannot reach Marketo at {client.credentials.base_url}: {e.message}") from None
+
+
+def read_lead_fields(credentials: Credentials, timeout: float = 120.0) -> list[dict[str, Any]]:
+    """Authenticate and read the lead fields once (for `fields` and `init --instance`)."""
+
+    async def fetch() -> list[dict[str, Any]]:
+        async with MarketoClient(credentials, timeout=timeout, max_connections=1) as client:
+            await authenticate(client)
+            return await fetch_schema(client)
+
+    return asyncio.run(fetch())
 
 
 def filter_fields(fields: Iterable[dict[str, Any]], match: str | None = None) -> list[dict[str, Any]]:
