@@ -165,3 +165,26 @@ def test_a_record_older_than_the_state_is_named_as_such(tmp_path, sandbox, cli):
     assert "already confirmed" in doc["payload_note"]
     text = cli("explain", "lee@example.com", older, "--config", cfg, "--state", state).stdout
     assert "older than the consent Marketo confirmed" in text
+
+
+def test_an_older_version_of_an_event_is_shown_overtaken_by_the_later_one(tmp_path, cli):
+    def version(updated: str, enabled: bool, status: str = "confirmed") -> dict[str, Any]:
+        e = event("amy@example.com", "2026-01-01T00:00:00Z", {"newsletter": enabled}, id="e1", status=status)
+        return {"type": "event.updated", "parameters": {"new_entity": {**e, "updated_at": updated}}}
+
+    data = write_ndjson(
+        tmp_path / "w.ndjson",
+        [version("2026-01-01T00:00:00Z", True, "pending_approval"), version("2026-01-03T00:00:00Z", True),
+         version("2026-01-02T00:00:00Z", False)],
+    )  # fmt: skip
+    cfg = make_config(tmp_path, None)
+    doc = json.loads(cli("explain", "amy@example.com", data, "--config", cfg, "--format", "json").stdout)
+    pending, newest, older = doc["steps"]
+    assert pending["ignored"].startswith("pending")
+    assert newest["won"] == ["didomiNewsletterOptIn"] and newest["updated_at"] == "2026-01-03T00:00:00Z"
+    assert older["applied"] and older["won"] == []
+    assert older["overtaken"] == {
+        "didomiNewsletterOptIn": "#2: same time as it, a later version of the event (its updated_at)"
+    }
+    (verdict,) = doc["verdicts"]
+    assert (verdict["value"], verdict["step"]) == (True, 2)

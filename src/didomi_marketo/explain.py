@@ -81,6 +81,7 @@ class Step:
     ignored: str | None = None  # why the fold did not apply it (its category and reason)
     won: list[str] = field(default_factory=list)  # fields it wins in the end
     older_than_state: list[str] = field(default_factory=list)  # fields where the state holds newer
+    overtaken: dict[str, str] = field(default_factory=dict)  # field it says -> the record holding it, why
 
 
 @dataclass
@@ -165,6 +166,7 @@ class _Tracer:
         self.steps: list[Step] = []
         self.holder: dict[str, Step] = {}  # property (or "updated_at") -> the record holding it now
         self.reasons: dict[str, str] = {}
+        self.alone: dict[int, list[Any]] = {}  # step -> what the fold makes of that record alone
 
     def add(self, path: str, obs: Observation | Unusable) -> None:
         steps, key = self.steps, self.key
@@ -204,15 +206,27 @@ class _Tracer:
             if not held:
                 continue
             previous = self.holder.get(name)
-            tied = previous is not None and stamp_before == stamp_after
             self.holder[name] = step
-            self.reasons[name] = (
-                f"tie with #{previous.n} (same time): the later record in input order wins"
-                if tied and previous is not None
-                else "latest consent timestamp"
-                if name != "updated_at"
-                else "the time of the latest applied record"
-            )
+            self.reasons[name] = _why(name, previous, stamp_before, stamp_after)
+        self.alone[step.n] = alone
+
+    def _overtaken(self) -> None:
+        """For each applied record, the fields it says but does not hold in the end, and why."""
+        fields_of: dict[str, list[str]] = {}
+        for m in self.config.mappings:
+            if m.source is not None:
+                fields_of.setdefault(m.source.name, []).append(m.field)
+        for name, slot in self.slots:
+            holder = self.holder.get(name)
+            if holder is None or slot is None:
+                continue
+            for step in self.steps:
+                mine = self.alone.get(step.n)
+                if step is holder or mine is None or value_at(mine, slot) is None:
+                    continue
+                why = _why(name, step, stamp_at(mine, slot), stamp_at(self.alone[holder.n], slot))
+                for f in fields_of.get(name, []):
+                    step.overtaken[f] = f"#{holder.n}: {why.replace(f'#{step.n}', 'it')}"
 
     def finish(self) -> Trace:
         try:
@@ -225,7 +239,20 @@ class _Tracer:
             winner = next((s for s in self.steps if s.n == verdict.step), None)
             if winner is not None:
                 winner.won.append(verdict.field)
+        self._overtaken()
         return Trace(self.steps, verdicts, state)
+
+
+def _why(name: str, previous: Step | None, before: Any, after: Any) -> str:
+    """Why the record with stamp `after` holds a slot over `previous` (with stamp `before`);
+    a stamp is (time, version) for a property, the latest time for `updated_at`."""
+    if name == "updated_at":
+        return "the time of the latest applied record"
+    if previous is None or before is None or before[0] < after[0]:
+        return "latest consent timestamp"
+    if before == after:
+        return f"tie with #{previous.n} (same time): the later record in input order wins"
+    return f"same time as #{previous.n}, a later version of the event (its updated_at)"
 
 
 def trace(config: Config, paths: list[str], keys: Iterable[str], allow_incomplete: bool = False,
@@ -306,7 +333,8 @@ def _may_mention(item: InputFile, needles: list[bytes]) -> bool:
 
 def _step(n: int, path: str, obs: Observation) -> Step:
     created = obs.timestamp if obs.kind == "event" else None
-    updated = obs.timestamp if obs.kind == "user" else None
+    # a user status is at its updated_at; an event's updated_at is its version (when given)
+    updated = obs.timestamp if obs.kind != "event" else obs.version
     return Step(n, f"{path}:{obs.line}", obs.kind, created, updated, obs.regulation, obs.status)
 
 

@@ -157,7 +157,9 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
         )
     )
     for s in steps:
-        when = f"created {s['created_at']}" if s["created_at"] else f"updated {s['updated_at'] or '-'}"
+        when = f"updated {s['updated_at'] or '-'}"
+        if s["created_at"]:
+            when = f"created {s['created_at']}" + (f", version {s['updated_at']}" if s["updated_at"] else "")
         console.print(f"[bold]#{s['n']}[/bold] {s['kind']} {s['source']}", soft_wrap=True, highlight=False)
         console.print(
             f"    {when} · regulation {s['regulation'] or 'gdpr (default)'} · status {s['status'] or '-'}",
@@ -176,6 +178,8 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
         else:
             outcome = "applied; every field it says is superseded by a later record"
         console.print(f"    {outcome}", markup=False, soft_wrap=True)
+        for name, why in s["overtaken"].items():
+            console.print(f"    {name}: overtaken by {why}", markup=False, soft_wrap=True)
     if doc["verdicts"]:
         table = Table(title="per Marketo field", title_justify="left")
         for col in ("field", "value", "won by", "consent at", "why"):
