@@ -517,3 +517,17 @@ def test_any_order_and_chunking_folds_to_the_reference(corpus, data):
         assert run.fold.stats.other_regulation == sum(1 for c in corpus if c[1] == "cpra")
     finally:
         run.fold.close()
+
+
+def test_len_counts_spilled_and_held_leads_without_spilling():
+    run = Run(spill=2).feed(
+        ev("x@example.com", "2026-01-01T00:00:00Z", {"newsletter": True}),
+        ev("y@example.com", "2026-01-01T00:00:00Z", {"newsletter": True}),
+        ev("z@example.com", "2026-01-01T00:00:00Z", {"newsletter": True}),  # x, y spilled
+        ev("x@example.com", "2026-01-02T00:00:00Z", {"newsletter": False}),  # x again, in memory
+    )
+    chunks, held = run.fold._chunk, dict(run.fold._leads)
+    assert len(run.fold) == 3
+    assert (run.fold._chunk, run.fold._leads) == (chunks, held)  # nothing was written out
+    assert run.leads()["x@example.com"][NEWS] is False
+    run.fold.close()
