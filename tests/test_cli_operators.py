@@ -292,3 +292,13 @@ def test_make_demo_with_port_8787_taken_picks_a_free_port():
     assert "port 8787 is taken: the demo's sandbox listens on" in proc.stdout, said
     assert "exit code: 1" in proc.stdout and "leads in all" in proc.stdout, said
     assert "Traceback" not in proc.stderr, said
+
+
+def test_commands_without_log_format_speak_json_under_the_variable(tmp_path):
+    bad = write_ndjson(tmp_path / "in" / "bad.ndjson", [{"hello": i} for i in range(25)])
+    config = make_config(tmp_path)
+    proc = run_subprocess("preview", bad, "-c", config, env={"DIDOMI_MARKETO_LOG_FORMAT": "json"})
+    events = json_lines(proc.stderr)
+    shown = [e["event"] for e in events].count("rejected")
+    assert shown >= 1 and events[-1]["event"] == "rejected_more" and events[-1]["count"] == 25 - shown
+    assert events[0]["source"] == f"{bad}:1"

@@ -9,7 +9,8 @@ from typing import Annotated
 import orjson
 import typer
 
-from didomi_marketo.cli.common import WaitLockOpt, err, expected_errors, out
+from didomi_marketo import logs
+from didomi_marketo.cli.common import WaitLockOpt, expected_errors, out
 from didomi_marketo.didomi.fold import normalise_key
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.state import StateStore, lead_record, reset_state
@@ -40,7 +41,7 @@ def state_show(
             return
         lookup = store.lead(key) or store.lead(normalise_key(key, "email")[0] or key)
         if lookup is None:
-            err.print(f"{key}: not in {state}", markup=False)
+            logs.error(f"{key}: not in {state}", "not_found", key=key)
             raise typer.Exit(1)
         out.print_json(orjson.dumps(lead_record(lookup)).decode())
     finally:

@@ -7,6 +7,7 @@ result with rich (or as JSON/CSV), and exits with the result's code.
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -16,8 +17,9 @@ import orjson
 import typer
 from rich.table import Table
 
+from didomi_marketo import logs
 from didomi_marketo.check import CheckReport, list_fields, resolve_credentials, run_check
-from didomi_marketo.cli.common import AllowIncompleteOpt, ConfigOpt, PathsArg, err, expected_errors, out
+from didomi_marketo.cli.common import AllowIncompleteOpt, ConfigOpt, PathsArg, expected_errors, out
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, load_config
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.preview import DEFAULT_SAMPLES, LeadDiff, PreviewResult, change_rows, run_preview
@@ -118,10 +120,16 @@ def _shown(value: Any) -> str:
 
 def _show_rejections(result: PreviewResult) -> None:
     for r in result.rejections:
-        err.print(f"{r.source}: {r.reason}", markup=False, highlight=False, soft_wrap=True)
+        logs.rejected(r.source, r.reason)
     more = result.rejected - len(result.rejections)
     if more > 0:
-        err.print(f"... and {more} more rejected records", markup=False)
+        logs.event(
+            "rejected_more",
+            f"... and {more} more rejected records",
+            level=logging.WARNING,
+            bare=True,
+            count=more,
+        )
 
 
 IGNORED_LABELS = {
@@ -331,7 +339,7 @@ def fields(
             table.add_row(f["name"], f["displayName"], kind, writable, "yes" if f["mapped"] else "")
         out.print(table)
     if not rows:
-        err.print(f"no Marketo field matches '{match}'", markup=False)
+        logs.warning(f"no Marketo field matches '{match}'")
 
 
 def register(app: typer.Typer) -> None:
