@@ -311,8 +311,19 @@ def _map_value(value: Any, table: dict[str, Any]) -> Any:
     if key in table:
         return table[key]
     if isinstance(value, str) and "," in value:
-        return ",".join(str(table.get(part, part)) for part in value.split(","))
+        # An id mapped to null is dropped from the list (null means "send nothing"), never sent
+        # as the text "None"; a list whose every id maps to null sends nothing at all.
+        mapped = [table.get(part, part) for part in value.split(",")]
+        kept = [_cell_text(v) for v in mapped if v is not None]
+        return ",".join(kept) if kept else None
     return value
+
+
+def _cell_text(value: Any) -> str:
+    """An element of a comma-separated list, as Marketo should read it (true, not True)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _table_key(value: Any) -> str:

@@ -47,6 +47,9 @@ class Report:
         if self.directory is not None:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
+                # An earlier run's verdict must not sit beside this run's files: a run killed
+                # before its end leaves no summary.json, which a monitor reads as "did not finish".
+                (self.directory / "summary.json").unlink(missing_ok=True)
                 for name in ("rejected", "ignored", "delivered", "undelivered"):
                     self._files[name] = open(self.directory / f"{name}.ndjson", "wb")  # noqa: SIM115
             except OSError as e:

@@ -44,8 +44,9 @@ app = typer.Typer(
     context_settings={"max_content_width": 100, "help_option_names": ["--help", "-h"]},
 )
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# emoji=False: rich would turn `file.ndjson:100:` into `file.ndjson💯` (its :100: emoji code).
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 ENV = "DIDOMI_MARKETO_"  # every option cron needs can come from the environment (flag > env > file)
 

@@ -53,8 +53,8 @@ def observations(value: Any, line: int) -> Iterable[Observation | Unusable]:
     if type(value) is dict:
         # Fast path for the bulk of a backfill: one batch-export line, no generator layers.
         user, events = value.get("user"), value.get("events")
-        if type(user) is dict and type(events) is list and value.get("consents") is None:
-            return _export_line(user, events, line)
+        if type(user) is dict and value.get("consents") is None and _export_events(user, events):
+            return _export_line(user, events or [], line)
     if isinstance(value, LinedDocument):
         return _walk(value.value, _LineCursor(value.object_lines, line))
     return _walk(value, _FixedLine(line))
@@ -136,8 +136,8 @@ def recognise(obj: dict, line: int) -> Iterator[Observation | Unusable]:
     consents = obj.get("consents")
     user = obj.get("user")
     events = obj.get("events")
-    if isinstance(user, dict) and isinstance(events, list) and consents is None:
-        yield from _export_line(user, events, line)
+    if isinstance(user, dict) and consents is None and _export_events(user, events):
+        yield from _export_line(user, events or [], line)
     elif "type" in obj and isinstance(obj.get("parameters"), dict):
         yield from _webhook(obj, line)
     elif isinstance(consents, dict):
@@ -182,6 +182,13 @@ def _event(event: dict, line: int, owner: dict | None = None, regulation: Any = 
         user, event.get("regulation") if regulation is None else regulation, event.get("status"), line,
         event.get("updated_at"),
     )  # fmt: skip
+
+
+def _export_events(user: dict, events: Any) -> bool:
+    """Whether `{"user", "events"}` is a batch-export line. Events may be null or absent when the
+    user carries its consent status (no event in the period, or imported consents): the status
+    still counts. A `user` without consents and without events is no export line."""
+    return type(events) is list or (events is None and type(user.get("consents")) is dict)
 
 
 def _export_line(user: dict, events: list, line: int) -> list[Observation | Unusable]:
