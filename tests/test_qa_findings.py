@@ -62,3 +62,36 @@ def test_a_killed_run_never_leaves_the_previous_runs_summary(tmp_path, cli):
     assert (report_dir / "summary.json").exists()
     Report(report_dir).close()  # the next run starts, and is killed before it ends
     assert not (report_dir / "summary.json").exists()
+
+
+def test_an_incremental_run_sends_a_newer_country_for_a_lead_with_known_consent(tmp_path, cli, sandbox):
+    """Run 1 sends consent and country DE; run 2 says only country FR (no consent in it). One full
+    run over both sends FR, so the incremental run must too (it counted 'nothing to send')."""
+    mappings = [
+        {"id": "didomiNewsletterOptIn", "value": "consents_purposes_newsletter_enabled"},
+        {"id": "didomiCountry", "value": "country"},
+        {"id": "didomiConsentUpdatedAt", "value": "updated_at"},
+    ]
+    cfg = make_config(tmp_path, sandbox, mappings=mappings, upsert_mode=True)
+    user = {"id": "u1", "organization_user_id": "cty@x.example", "created_at": "2026-11-01T00:00:00Z",
+            "updated_at": "2026-11-10T10:00:00Z", "country": "DE",
+            "consents": {"purposes": [{"id": "newsletter", "enabled": True}]}}  # fmt: skip
+    later = {**user, "updated_at": "2026-11-20T10:00:00Z", "country": "FR", "consents": {"purposes": []}}
+    first = write_ndjson(tmp_path / "u1.ndjson", [user])
+    second = write_ndjson(
+        tmp_path / "u2.ndjson", [{"type": "user.updated", "parameters": {"new_entity": later}}]
+    )
+    state = tmp_path / "state.db"
+    assert cli("sync", first, "-c", cfg, "--state", state, "-q").exit_code == 0
+    result = cli("sync", second, "-c", cfg, "--state", state, "-q")
+    assert result.exit_code == 0, result.stderr
+    (lead,) = sandbox.leads()
+    assert lead["didomiCountry"] == "FR" and lead["didomiNewsletterOptIn"] is True
+    assert lead["didomiConsentUpdatedAt"].startswith("2026-11-20T10:00:00")
+    # a lead no earlier run sent consent for still has nothing to send (the documented rule)
+    stranger = {**later, "organization_user_id": "new@x.example"}
+    third = write_ndjson(
+        tmp_path / "u3.ndjson", [{"type": "user.updated", "parameters": {"new_entity": stranger}}]
+    )
+    assert cli("sync", third, "-c", cfg, "--state", state, "-q").exit_code == 0
+    assert [lead["email"] for lead in sandbox.leads()] == ["cty@x.example"]

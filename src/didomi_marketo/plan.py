@@ -148,8 +148,13 @@ class Planner:
             for m in mappings
         ]
 
-    def values(self, state: list[Any]) -> tuple[dict[str, Any], dict[str, Stamp]]:
-        """The Marketo field values a fold state maps to, with each value's consent stamp."""
+    def values(
+        self, state: list[Any], consent_known: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Stamp]]:
+        """The Marketo field values a fold state maps to, with each value's consent stamp.
+
+        A lead with no consent value has nothing to send, unless `consent_known` (the state holds
+        consent for it from an earlier run: its newer country or updated_at must still go out)."""
         fields: dict[str, Any] = {}
         stamps: dict[str, Stamp] = {}
         consts: list[FieldMapping] = []
@@ -172,7 +177,7 @@ class Planner:
                 continue
             fields[m.field] = rendered
             stamps[m.field] = stamp
-        if self._consent_fields and self._consent_fields.isdisjoint(fields):
+        if self._consent_fields and not consent_known and self._consent_fields.isdisjoint(fields):
             return {}, {}
         if fields:  # a constant alone never makes a lead worth sending
             for m in consts:
@@ -195,6 +200,10 @@ class Planner:
         for key, state in leads:
             stats.leads += 1
             fields, stamps = self.values(state)
+            if not fields and self.state is not None and self._has_known_consent(key):
+                # This run says only non-consent things about a lead an earlier run sent consent
+                # for: a full run would send them, so an incremental one must too.
+                fields, stamps = self.values(state, consent_known=True)
             if not fields:
                 stats.nothing_to_send += 1
                 continue
@@ -239,6 +248,15 @@ class Planner:
                 stats.count_field(name, classify_value(value))
         stats.to_send += 1
         return LeadUpdate(key, payload, source, stamps)
+
+    def _has_known_consent(self, key: str) -> bool:
+        assert self.state is not None
+        prior = self.state.lead(key)
+        if prior is None:
+            return False
+        return not self._consent_fields.isdisjoint(prior.known()) or not self._consent_fields.isdisjoint(
+            prior.confirmed
+        )
 
     def _fill(
         self, fields: dict[str, Any], stamps: dict[str, Stamp], known: Mapping[str, tuple[Any, Stamp]]
