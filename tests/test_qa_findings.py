@@ -95,3 +95,18 @@ def test_an_incremental_run_sends_a_newer_country_for_a_lead_with_known_consent(
     )
     assert cli("sync", third, "-c", cfg, "--state", state, "-q").exit_code == 0
     assert [lead["email"] for lead in sandbox.leads()] == ["cty@x.example"]
+
+
+def test_explain_prints_keys_and_values_that_look_like_markup_as_written(tmp_path, cli):
+    """A value such as `[/z]` in free-form data crashed explain with a rich MarkupError."""
+    mappings = [
+        {"id": "didomiNewsletterOptIn", "value": "consents_purposes_newsletter_enabled"},
+        {"id": "didomiTopics", "value": "consents_purposes_newsletter_values_topics"},
+    ]
+    cfg = make_config(tmp_path, mappings=mappings)
+    e = event("[/b]odd@x.example", "2026-11-20T10:00:00Z", {"newsletter": True})
+    e["consents"]["purposes"][0]["values"] = {"topics": {"value": "[/z],[bold]"}}
+    data = write_ndjson(tmp_path / "e.ndjson", [e])
+    result = cli("explain", "[/b]odd@x.example", data, "--config", cfg)
+    assert result.exit_code == 0, result.output
+    assert "[/z],[bold]" in result.stdout and "[/b]odd@x.example" in result.stdout

@@ -7,7 +7,9 @@ from typing import Any
 
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -148,7 +150,7 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
     """`explain KEY`: the records in fold order, the verdict per field, Marketo's answers."""
     steps = doc["steps"]
     console.print(
-        f"[bold]explain {doc['key']}[/bold] ({doc['identifier']}): {len(steps)} record(s) touched it"
+        f"[bold]explain {escape(str(doc['key']))}[/bold] ({doc['identifier']}): {len(steps)} record(s) touched it"
         + (f", of {doc['inputs_read']} read" if doc["inputs_read"] else "")
         + (
             f" ({doc['files_without_key']} file(s) never mention it: not parsed)"
@@ -160,7 +162,8 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
         when = f"updated {s['updated_at'] or '-'}"
         if s["created_at"]:
             when = f"created {s['created_at']}" + (f", version {s['updated_at']}" if s["updated_at"] else "")
-        console.print(f"[bold]#{s['n']}[/bold] {s['kind']} {s['source']}", soft_wrap=True, highlight=False)
+        what = escape(f"{s['kind']} {s['source']}")
+        console.print(f"[bold]#{s['n']}[/bold] {what}", soft_wrap=True, highlight=False)
         console.print(
             f"    {when} · regulation {s['regulation'] or 'gdpr (default)'} · status {s['status'] or '-'}",
             markup=False, soft_wrap=True,
@@ -186,11 +189,15 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
             table.add_column(col, overflow="fold")
         for v in doc["verdicts"]:
             won = f"#{v['step']}" if v["step"] else "-"
-            table.add_row(v["field"], _show(v["value"]), won, str(v["consent_at"] or "-"), v["reason"])
+            cells = (v["field"], _show(v["value"]), won, str(v["consent_at"] or "-"), v["reason"])
+            table.add_row(*(Text(str(c)) for c in cells))  # data, never markup
         console.print(table)
     if doc["payload"] is not None:
         console.print(
-            f"[bold]payload[/bold]: {_show(doc['payload'])}", markup=True, highlight=False, soft_wrap=True
+            f"[bold]payload[/bold]: {escape(_show(doc['payload']))}",
+            markup=True,
+            highlight=False,
+            soft_wrap=True,
         )
     if doc["payload_note"]:
         console.print(f"  {doc['payload_note']}", markup=False, soft_wrap=True)
@@ -203,15 +210,18 @@ def print_explanation(console: Console, doc: dict[str, Any]) -> None:
                 else "?"
             )
             console.print(
-                f"[bold]Marketo confirmed[/bold] (state, {at}): {_show(st['confirmed'])}", soft_wrap=True
+                f"[bold]Marketo confirmed[/bold] (state, {at}): {escape(_show(st['confirmed']))}",
+                soft_wrap=True,
             )
         if st["pending"]:
             console.print(
-                f"[bold]pending[/bold] ({st['pending_reason']}): {_show(st['pending'])}", soft_wrap=True
+                f"[bold]pending[/bold] ({escape(str(st['pending_reason']))}): {escape(_show(st['pending']))}",
+                soft_wrap=True,
             )
         if st["skipped"]:
             console.print(
-                f"[bold]skipped[/bold] by Marketo: {st['skipped']['code']} {st['skipped']['reason']}"
+                "[bold]skipped[/bold] by Marketo: "
+                + escape(f"{st['skipped']['code']} {st['skipped']['reason']}")
             )
     elif doc["inputs_read"] or doc["reports"]:
         console.print(
