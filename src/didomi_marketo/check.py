@@ -16,7 +16,6 @@ from typing import Any
 
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
 from didomi_marketo.didomi.fold import Fold, FoldSchema, value_at
-from didomi_marketo.didomi.records import Observation
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.inputs import InputStats, read_into
 from didomi_marketo.mapping import (
@@ -127,9 +126,10 @@ class _SeenFold(Fold):
             for k in ("purpose", "preference", "channel", "preference channel", "user field", "metadata key")
         }
 
-    def add(self, obs: Observation, path: str) -> None:
+    def observe(self, path: str, kind: str, raw_key: Any, timestamp: Any, consents: dict, user: dict,
+                *rest: Any) -> None:  # fmt: skip
         seen = self.seen
-        consents = obs.consents if isinstance(obs.consents, dict) else {}
+        consents = consents if isinstance(consents, dict) else {}
         for p in _dicts(consents.get("purposes")):
             seen["purpose"].add(str(p.get("id")))
             values = p.get("values")
@@ -139,12 +139,12 @@ class _SeenFold(Fold):
                 seen["preference"].add(str(pref.get("id")))
                 seen["preference channel"].update(str(c.get("id")) for c in _dicts(pref.get("channels")))
         seen["channel"].update(str(c.get("id")) for c in _dicts(consents.get("channels")))
-        user = obs.user if isinstance(obs.user, dict) else {}
+        user = user if isinstance(user, dict) else {}
         seen["user field"].update(k for k, v in user.items() if isinstance(v, str) and v)
         md = user.get("metadata")
         if isinstance(md, dict):
             seen["metadata key"].update(str(k) for k in md)
-        super().add(obs, path)
+        super().observe(path, kind, raw_key, timestamp, consents, user, *rest)
 
 
 def _dicts(items: Any) -> Iterator[dict]:

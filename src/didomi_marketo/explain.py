@@ -14,7 +14,6 @@ It never needs credentials and never calls Marketo: Marketo's answers come from 
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from didomi_marketo.didomi.fold import (
     value_at,
 )
 from didomi_marketo.didomi.readers import (
+    UNREADABLE,
     IncompletePartition,
     InputFile,
     Problem,
@@ -326,7 +326,7 @@ def _may_mention(item: InputFile, needles: list[bytes]) -> bool:
                 if b"\\u" in low or any(n in low for n in needles):
                     return True
                 tail = low[-overlap:]
-    except (OSError, EOFError, zlib.error):
+    except UNREADABLE:
         return True  # read_records reports the real problem
     return False
 

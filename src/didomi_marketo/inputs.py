@@ -30,7 +30,7 @@ from didomi_marketo.didomi.readers import (
     read_records,
     sniff_json,
 )
-from didomi_marketo.didomi.records import Observation, observations
+from didomi_marketo.didomi.records import Observation, export_line, observations
 from didomi_marketo.mapping import FieldMapping
 from didomi_marketo.outcomes import payload_hash
 from didomi_marketo.state import StateStore, input_unit
@@ -136,6 +136,7 @@ def _read_file(fold: Fold, item: InputFile, stats: InputStats, max_line_bytes: i
     """Fold one file's records; False when the file itself could not be read."""
     add, reject = fold.add, fold.reject
     path = item.display
+    add_export_line = fold.add_export_line
     read = True
     for rec in read_records(item, max_line_bytes):
         stats.records += 1
@@ -146,6 +147,10 @@ def _read_file(fold: Fold, item: InputFile, stats: InputStats, max_line_bytes: i
             read = read and rec.line != 0
             continue
         value, line = rec
+        parts = export_line(value)
+        if parts is not None:  # the bulk of a backfill
+            add_export_line(parts[0], parts[1], line, path)
+            continue
         for ob in observations(value, line):
             if isinstance(ob, Observation):
                 add(ob, path)

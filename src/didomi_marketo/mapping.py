@@ -95,7 +95,7 @@ class Property:
                 if p is not None:
                     values = p.get("values")
                     if isinstance(values, dict) and r.preference in values:
-                        return _value_ids(values[r.preference])
+                        return value_ids(values[r.preference])
             elif kind == "purpose_channel":
                 p = purposes.get(r.purpose) if purposes else None
                 if p is not None:
@@ -157,7 +157,7 @@ class Property:
                 if p is not None:
                     vals = p.get("values")
                     if isinstance(vals, dict) and preference in vals:
-                        return _value_ids(vals[preference])
+                        return value_ids(vals[preference])
             return None
 
         return values
@@ -171,7 +171,7 @@ def _find_by_id(items: Any, wanted: str) -> dict | None:
     return None
 
 
-def _value_ids(entry: Any) -> str | None:
+def value_ids(entry: Any) -> str | None:
     """v2 flat preferences: `{"value": "a,b"}`; tolerate a bare string or a list of ids."""
     v = entry.get("value") if isinstance(entry, dict) else entry
     if isinstance(v, list):

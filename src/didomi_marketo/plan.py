@@ -138,15 +138,19 @@ class Planner:
         self._consent_fields = {m.field for m in mappings if m.source is not None and m.source.is_consent}
         for m in mappings:
             self.stats.fields[m.field] = Counter()
+        # Per mapping: (mapping, slot, its transforms' render or None when it has none). Planning
+        # runs once per lead: a million leads make every call here count.
         self._sources = [
             (
                 m,
                 None
                 if m.source is None
                 else (UPDATED_AT if m.source.name == "updated_at" else schema.slots[m.source.name]),
+                m.render if m.transforms else None,
             )
             for m in mappings
         ]
+        self._times: dict[float, str] = {}  # format_timestamp, cached: lead times repeat
 
     def values(
         self, state: list[Any], consent_known: bool = False
@@ -158,7 +162,7 @@ class Planner:
         fields: dict[str, Any] = {}
         stamps: dict[str, Stamp] = {}
         consts: list[FieldMapping] = []
-        for m, slot in self._sources:
+        for m, slot, render in self._sources:
             if slot is None:
                 consts.append(m)
                 continue
@@ -166,16 +170,22 @@ class Planner:
                 ts = latest(state)
                 if ts == NEVER:
                     continue
-                value, stamp = format_timestamp(ts), (ts, ts)
+                value = self._times.get(ts)
+                if value is None:
+                    if len(self._times) >= 10_000:
+                        self._times.clear()
+                    value = self._times[ts] = format_timestamp(ts)
+                stamp: Stamp = (ts, ts)
             else:
                 value = value_at(state, slot)
                 if value is None:
                     continue
                 stamp = stamp_at(state, slot)
-            rendered = m.render(value)
-            if rendered is None:  # `map: {id: null}` would blank the Marketo field: null is never sent
-                continue
-            fields[m.field] = rendered
+            if render is not None:
+                value = render(value)
+                if value is None:  # `map: {id: null}` would blank the Marketo field: null is never sent
+                    continue
+            fields[m.field] = value
             stamps[m.field] = stamp
         if self._consent_fields and not consent_known and self._consent_fields.isdisjoint(fields):
             return {}, {}
@@ -243,8 +253,9 @@ class Planner:
 
     def _update(self, key: str, payload: dict[str, Any], source: str, stamps: dict[str, Stamp]) -> LeadUpdate:
         stats = self.stats
+        lookup = self.lookup_field
         for name, value in payload.items():
-            if name != self.lookup_field:
+            if name != lookup:
                 stats.count_field(name, classify_value(value))
         stats.to_send += 1
         return LeadUpdate(key, payload, source, stamps)

@@ -42,8 +42,8 @@ from typing import Any
 
 import orjson
 
-from didomi_marketo.didomi.records import Observation
-from didomi_marketo.mapping import FieldMapping, Malformed, Property
+from didomi_marketo.didomi.records import Observation, event_fields, type_name, user_fields
+from didomi_marketo.mapping import FieldMapping, Malformed, Property, value_ids
 
 SRC_PATH, SRC_LINE, LATEST = 0, 1, 2
 FIRST_SLOT = 3
@@ -264,9 +264,14 @@ class Fold:
         self._spill: sqlite3.Connection | None = None
         self._spill_file: tempfile.TemporaryDirectory | None = None
         self._chunk = 0
-        self._extractors = [p.compile() for p in schema.properties]  # in slot order
         self._slots = [schema.slots[p.name] for p in schema.properties]
-        self._pairs = list(zip(self._slots, self._extractors))  # noqa: B905 - same length
+        # Per property in slot order: (slot, purpose, preference, extractor). A purpose's
+        # `enabled` (extractor ENABLED) or `values` entry (VALUES), the usual mappings, are read
+        # inline in _apply; every other property through its compiled extractor.
+        self._readers: list[tuple[int, str, str, Any]] = [
+            (slot, *(_inline_reading(p) or ("", "", p.compile())))
+            for slot, p in zip(self._slots, schema.properties)  # noqa: B905 - same length
+        ]
         self._revocation = schema.revocation()
         # Consecutive observations usually belong to one user (an export line is a user and
         # their events): remember the last key's normalisation.
@@ -280,7 +285,14 @@ class Fold:
     # -- input --------------------------------------------------------------------------------
 
     def add(self, obs: Observation, path: str) -> None:
-        """Fold one observation read from `path` (observations come in input order).
+        """Fold one observation read from `path` (observations come in input order)."""
+        self.observe(path, obs.kind, obs.key, obs.timestamp, obs.consents, obs.user, obs.regulation,
+                     obs.status, obs.line, obs.version)  # fmt: skip
+
+    def observe(self, path: str, kind: str, raw_key: Any, timestamp: Any, consents: dict, user: dict,
+                regulation: Any, status: Any, line: int, version: Any = None) -> None:  # fmt: skip
+        """Fold one observation given as an Observation's fields (`records.emit_export_line` calls
+        it for each record of a batch-export line, without building an Observation).
 
         This is the policy, rule by rule: whether the record applies at all (deletion mode,
         status, regulation, key, timestamp: a record that does not is counted, reported through
@@ -289,7 +301,6 @@ class Fold:
         newer (a malformed consent flag rejects the whole record there, leaving no trace).
         """
         stats = self.stats
-        kind = obs.kind
         if kind == "event":
             stats.events += 1
         elif kind == "user":
@@ -298,68 +309,136 @@ class Fold:
             stats.user_deletions += 1
             if self.deletions != "revoke":
                 stats.deleted += 1
-                self.on_issue(
-                    "deleted", path, obs.line, "user.deleted: not applied (deletions: ignore)", obs.key
-                )
+                self.on_issue("deleted", path, line, "user.deleted: not applied (deletions: ignore)", raw_key)
                 return
             stats.revoked += 1
-        if obs.status is not None and obs.status != "confirmed":
+        if status is not None and status != "confirmed":
             stats.pending += 1
             what = "event status" if kind == "event" else "status of the event that caused it"
-            self.on_issue("pending", path, obs.line, f"{what} {obs.status!r} is not confirmed", obs.key)
+            self.on_issue("pending", path, line, f"{what} {status!r} is not confirmed", raw_key)
             return
-        reg = obs.regulation
-        if reg is None:
+        if regulation is None:
             if not self._gdpr_by_default:
                 stats.other_regulation += 1
                 self.on_issue(
-                    "other_regulation", path, obs.line, "regulation (gdpr by default) is not applied", obs.key
+                    "other_regulation", path, line, "regulation (gdpr by default) is not applied", raw_key
                 )
                 return
-        elif (bad := self._not_applied(reg)) is not None:
+        elif (type(regulation) is not str or regulation not in self.regulations) and (
+            bad := self._not_applied(regulation)
+        ) is not None:
             stats.other_regulation += 1
             self.on_issue(
-                "other_regulation", path, obs.line,
-                f"regulation {bad!r} is not applied (see properties.regulations)", obs.key,
+                "other_regulation", path, line,
+                f"regulation {bad!r} is not applied (see properties.regulations)", raw_key,
             )  # fmt: skip
             return
-        if obs.key is None or obs.key == "":
+        if raw_key is None or raw_key == "":
             stats.anonymous += 1
             self.on_issue(
-                "anonymous",
-                path,
-                obs.line,
-                "no organization_user_id (anonymous user): cannot reach a lead",
-                None,
+                "anonymous", path, line, "no organization_user_id (anonymous user): cannot reach a lead", None
             )
             return
-        if obs.key == self._last_raw_key and type(obs.key) is type(self._last_raw_key):
+        if raw_key == self._last_raw_key and type(raw_key) is type(self._last_raw_key):
             key, why = self._last_key, self._last_why
         else:
-            key, why = normalise_key(obs.key, self.identifier)
-            self._last_raw_key, self._last_key, self._last_why = obs.key, key, why
+            key, why = normalise_key(raw_key, self.identifier)
+            self._last_raw_key, self._last_key, self._last_why = raw_key, key, why
         if key is None:
-            self._invalid(path, obs.line, why, obs.key)
+            self._invalid(path, line, why, raw_key)
             return
         # Timestamps repeat (an export line's events share a handful): parse each text once.
-        ts: Any = self._timestamps.get(obs.timestamp, _UNSEEN) if type(obs.timestamp) is str else None
+        ts: Any = self._timestamps.get(timestamp, _UNSEEN) if type(timestamp) is str else None
         if ts is _UNSEEN:
-            ts = self._timestamp(obs.timestamp)
+            ts = self._timestamp(timestamp)
         if ts is None:
             field_name = "created_at" if kind == "event" else "updated_at"
-            what = "missing" if obs.timestamp in (None, "") else f"invalid ({obs.timestamp!r})"
-            self._invalid(path, obs.line, f"{_KIND_NAMES[kind]} {field_name} is {what}", obs.key)
+            what = "missing" if timestamp in (None, "") else f"invalid ({timestamp!r})"
+            self._invalid(path, line, f"{_KIND_NAMES[kind]} {field_name} is {what}", raw_key)
             return
         ver = ts
         if kind == "event":
             # A later version of one event (event.updated: a correction, pending -> confirmed)
             # ranks after the earlier one, whatever the input order.
-            version = self._timestamp(obs.version) if obs.version is not None else None
-            if version is not None:
-                ver = version
+            if version is not None and (parsed := self._timestamp(version)) is not None:
+                ver = parsed
         elif kind == "deletion":
             ver = REVOKED  # after every record of its instant
-        self._apply(key, ts, ver, obs, path)
+        self._apply(key, ts, ver, kind, consents, user, line, path, raw_key)
+
+    def add_export_line(self, user: dict, events: list, line: int, path: str) -> None:
+        """Fold one batch-export line `{"user", "events"}` (`records.export_line`): the same as
+        `observe` for each of its observations in order (`records.emit_export_line`), fused into
+        one loop for the bulk of a backfill, which has millions of them.
+
+        Only a plain record takes the short way: confirmed (or no status), a configured
+        regulation, the key of the record before it, a timestamp already parsed and valid, no
+        event version. Its policy outcome is then known to be "apply". Every other record goes
+        through `observe`, the one statement of the policy (a test holds the two equal).
+        """
+        stats = self.stats
+        regulations = self.regulations
+        gdpr = self._gdpr_by_default
+        timestamps = self._timestamps
+        apply = self._apply
+        # The line's key, normalised once (cached across lines like `observe` does); None when
+        # the user has none or it is invalid: then `observe` decides (and reports).
+        raw = user.get("organization_user_id")
+        key = None
+        if type(raw) is str:
+            if raw == self._last_raw_key and type(self._last_raw_key) is str:
+                key = self._last_key
+            else:
+                key, why = normalise_key(raw, self.identifier)
+                self._last_raw_key, self._last_key, self._last_why = raw, key, why
+        consents = user.get("consents")
+        if type(consents) is dict:
+            reg = user.get("regulation")
+            raw_ts = user.get("updated_at")
+            ts: Any = timestamps.get(raw_ts, _UNSEEN) if type(raw_ts) is str else None
+            if ts is _UNSEEN:
+                ts = self._timestamp(raw_ts)
+            if (
+                key is not None
+                and ts is not None
+                and ((reg is None and gdpr) or (type(reg) is str and reg in regulations))
+            ):
+                stats.user_statuses += 1
+                apply(key, ts, ts, "user", consents, user, line, path, raw)
+            else:
+                self.observe(path, *user_fields(user, line))
+        elif isinstance(consents, dict):  # a dict subclass: not from orjson, but the same rule
+            self.observe(path, *user_fields(user, line))
+        for event in events:
+            if type(event) is dict:
+                owner = event.get("user")
+                consents = event.get("consents")
+                raw_ts = event.get("created_at")
+                status = event.get("status")
+                reg = event.get("regulation")
+                # The owner's key, so the same lead: what `records.event_fields` gives, then.
+                if (
+                    key is not None
+                    and type(owner) is dict
+                    and owner.get("organization_user_id") == raw
+                    and type(consents) is dict
+                    and (status == "confirmed" or status is None)
+                    and ((reg is None and gdpr) or (type(reg) is str and reg in regulations))
+                    and type(raw_ts) is str
+                    and event.get("updated_at") is None
+                ):
+                    ts = timestamps.get(raw_ts, _UNSEEN)
+                    if ts is _UNSEEN:
+                        ts = self._timestamp(raw_ts)
+                    if ts is not None:
+                        stats.events += 1
+                        apply(key, ts, ts, "event", consents, owner, line, path, raw)
+                        continue
+                self.observe(path, *event_fields(event, line, user))
+            elif isinstance(event, dict):
+                self.observe(path, *event_fields(event, line, user))
+            else:
+                self.reject("rejected", path, line, f"events[] item is {type_name(event)}, not an event")
 
     def _not_applied(self, reg: Any) -> Any:
         """The first regulation of `reg` (one, or a tuple of the record's and its envelope's)
@@ -393,7 +472,8 @@ class Fold:
         self.stats.invalid += 1
         self.on_issue("rejected", path, line, reason, key)
 
-    def _apply(self, key: str, ts: int, ver: int, obs: Observation, path: str) -> None:
+    def _apply(self, key: str, ts: int, ver: int, kind: str, consents: dict, user: dict, line: int,
+               path: str, raw_key: Any) -> None:  # fmt: skip
         """Mechanics: read each property's value (slot order) and write it into the lead's slot
         when (ts, ver) is at least the slot's stamp. Extracting and writing in one pass keeps the
         hot path lean; a Malformed flag restores the lead as it was and rejects the record."""
@@ -403,8 +483,8 @@ class Fold:
         if state is None:
             if len(leads) >= self.spill_threshold:
                 self._spill_out()
-            state = leads[key] = self.schema.empty_state(path, obs.line)
-        if obs.kind == "deletion":
+            state = leads[key] = self.schema.empty_state(path, line)
+        if kind == "deletion":
             values = self._revocation
             for slot, value in zip(self._slots, values):  # noqa: B905 - same length by construction
                 if value is not None:
@@ -412,36 +492,68 @@ class Fold:
                     if ts >= t and (ts > t or ver >= state[slot + 2]):
                         state[slot], state[slot + 1], state[slot + 2] = value, ts, ver
         else:
-            consents = obs.consents
-            purposes = None
+            purposes: dict | None = None
             if self._needs_purposes:
                 plist = consents.get("purposes")
                 if type(plist) is list:
+                    purposes = {}
                     try:
-                        purposes = {p["id"]: p for p in plist}
-                    except (TypeError, KeyError):  # an item that is not an object, or has no id
-                        purposes = {p.get("id"): p for p in plist if isinstance(p, dict)}
-            user = obs.user
+                        for p in plist:
+                            purposes[p["id"]] = p
+                    except (TypeError, KeyError):  # not an object, no id, an id that is a list...
+                        purposes = _by_id(plist)
             saved = state[:]  # a C-level copy: cheaper than extracting every value first
             try:
-                for slot, extract in self._pairs:
-                    value = extract(purposes, consents, user)
-                    if value is not None:
-                        t = state[slot + 1]
-                        # Most records are older than what the slot holds: one comparison then.
-                        if ts >= t and (ts > t or ver >= state[slot + 2]):
-                            state[slot] = value
-                            state[slot + 1] = ts
-                            state[slot + 2] = ver
+                for slot, purpose, preference, extract in self._readers:
+                    if extract is ENABLED:  # Property.extract for a purpose's `enabled`, inline
+                        if not purposes:
+                            continue
+                        p = purposes.get(purpose)
+                        if p is None:
+                            continue
+                        value = p.get("enabled")
+                        if value is None:
+                            continue
+                        if value is not True and value is not False:
+                            raise Malformed(f"consents.purposes[{purpose}].enabled", value)
+                    elif extract is VALUES:  # and for a purpose's `values` entry
+                        if not purposes:
+                            continue
+                        p = purposes.get(purpose)
+                        if p is None:
+                            continue
+                        entries = p.get("values")
+                        if type(entries) is not dict or preference not in entries:
+                            if isinstance(entries, dict) and preference in entries:  # a dict subclass
+                                value = value_ids(entries[preference])
+                            else:
+                                continue
+                        else:
+                            entry = entries[preference]
+                            value = entry.get("value") if type(entry) is dict else None
+                            if type(value) is not str:
+                                value = value_ids(entry)
+                        if value is None:
+                            continue
+                    else:
+                        value = extract(purposes, consents, user)
+                        if value is None:
+                            continue
+                    t = state[slot + 1]
+                    # Most records are older than what the slot holds: one comparison then.
+                    if ts >= t and (ts > t or ver >= state[slot + 2]):
+                        state[slot] = value
+                        state[slot + 1] = ts
+                        state[slot + 2] = ver
             except Malformed as e:
                 if new:
                     del leads[key]
                 else:
                     state[:] = saved
-                self._invalid(path, obs.line, f"{_KIND_NAMES[obs.kind]} rejected: {e}", obs.key)
+                self._invalid(path, line, f"{_KIND_NAMES[kind]} rejected: {e}", raw_key)
                 return
         state[SRC_PATH] = path
-        state[SRC_LINE] = obs.line
+        state[SRC_LINE] = line
         if ts > state[LATEST]:
             state[LATEST] = ts
 
@@ -538,6 +650,41 @@ class Fold:
 
 
 _UNSEEN = object()
+
+
+ENABLED, VALUES = "enabled", "values"  # the readings _apply does inline
+
+
+def _inline_reading(p: Property) -> tuple[str, str, str] | None:
+    """(purpose, preference, ENABLED | VALUES) for a property _apply reads inline, else None."""
+    if len(p.readings) != 1:
+        return None
+    r = p.readings[0]
+    if r.kind == "purpose_enabled":
+        return r.purpose, "", ENABLED
+    if r.kind == "purpose_values":
+        return r.purpose, r.preference, VALUES
+    return None
+
+
+def _by_id(purposes: list) -> dict[Any, dict]:
+    """Purposes by id (the last of a repeated id wins); items that are not objects, or whose id
+    cannot be a key (a list), are no purpose. A loop: a comprehension is a call of its own."""
+    out: dict[Any, dict] = {}
+    try:
+        for p in purposes:
+            out[p["id"]] = p
+        return out
+    except (TypeError, KeyError):  # an item that is not an object, has no id, or an odd id
+        out = {}
+        for p in purposes:
+            if isinstance(p, dict):
+                pid = p.get("id")
+                if pid is None or isinstance(pid, str | int | float | bool):
+                    out[pid] = p
+        return out
+
+
 _KIND_NAMES = {"event": "event", "user": "user", "deletion": "user.deleted"}
 
 

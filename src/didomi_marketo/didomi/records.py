@@ -7,7 +7,7 @@ Consents API page `{"data": [...]}`. Arrays of any of these are walked too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,14 +50,26 @@ WEBHOOK_ENTITY = {
 
 def observations(value: Any, line: int) -> Iterable[Observation | Unusable]:
     """Every observation in a parsed NDJSON line or document (with per-object lines)."""
-    if type(value) is dict:
-        # Fast path for the bulk of a backfill: one batch-export line, no generator layers.
-        user, events = value.get("user"), value.get("events")
-        if type(user) is dict and value.get("consents") is None and _export_events(user, events):
-            return _export_line(user, events or [], line)
+    parts = export_line(value)
+    if parts is not None:  # the bulk of a backfill: no generator layers
+        return _export_observations(parts[0], parts[1], line)
     if isinstance(value, LinedDocument):
         return _walk(value.value, _LineCursor(value.object_lines, line))
     return _walk(value, _FixedLine(line))
+
+
+def export_line(value: Any) -> tuple[dict, list] | None:
+    """(user, events) when `value` is one batch-export line `{"user", "events"}`, else None."""
+    if type(value) is dict:
+        user, events = value.get("user"), value.get("events")
+        if type(user) is dict and value.get("consents") is None and _export_events(user, events):
+            return user, events or []
+    return None
+
+
+# emit(kind, key, timestamp, consents, user, regulation, status, line, version): an Observation's
+# fields, in order. The fold takes them as they are (Fold.observe): a backfill has millions.
+Emit = Callable[..., None]
 
 
 class _FixedLine:
@@ -107,7 +119,7 @@ def _walk(value: Any, cursor: _FixedLine | _LineCursor) -> Iterator[Observation 
             yield from _walk(item, cursor)
         return
     if not isinstance(value, dict):
-        yield Unusable("rejected", f"expected a JSON object, got {_type_name(value)}", _cursor_line(cursor))
+        yield Unusable("rejected", f"expected a JSON object, got {type_name(value)}", _cursor_line(cursor))
         return
     data = value.get("data")
     if isinstance(data, list) and "consents" not in value and "type" not in value:
@@ -137,7 +149,7 @@ def recognise(obj: dict, line: int) -> Iterator[Observation | Unusable]:
     user = obj.get("user")
     events = obj.get("events")
     if isinstance(user, dict) and consents is None and _export_events(user, events):
-        yield from _export_line(user, events or [], line)
+        yield from _export_observations(user, events or [], line)
     elif "type" in obj and isinstance(obj.get("parameters"), dict):
         yield from _webhook(obj, line)
     elif isinstance(consents, dict):
@@ -160,15 +172,23 @@ def recognise(obj: dict, line: int) -> Iterator[Observation | Unusable]:
 
 
 def _user(user: dict, line: int, regulation: Any = None, status: Any = None) -> Observation:
+    return Observation(*user_fields(user, line, regulation, status))
+
+
+def user_fields(user: dict, line: int, regulation: Any = None, status: Any = None) -> tuple:
     consents = user.get("consents")
-    return Observation(
+    return (
         "user", user.get("organization_user_id"), user.get("updated_at"),
         consents if isinstance(consents, dict) else {}, user,
-        user.get("regulation") if regulation is None else regulation, status, line,
+        user.get("regulation") if regulation is None else regulation, status, line, None,
     )  # fmt: skip
 
 
 def _event(event: dict, line: int, owner: dict | None = None, regulation: Any = None) -> Observation:
+    return Observation(*event_fields(event, line, owner, regulation))
+
+
+def event_fields(event: dict, line: int, owner: dict | None = None, regulation: Any = None) -> tuple:
     user = event.get("user")
     if not isinstance(user, dict):
         user = owner or {}
@@ -177,7 +197,7 @@ def _event(event: dict, line: int, owner: dict | None = None, regulation: Any = 
         key = owner.get("organization_user_id")
         user = {**owner, **user}
     consents = event.get("consents")
-    return Observation(
+    return (
         "event", key, event.get("created_at"), consents if isinstance(consents, dict) else {},
         user, event.get("regulation") if regulation is None else regulation, event.get("status"), line,
         event.get("updated_at"),
@@ -191,16 +211,23 @@ def _export_events(user: dict, events: Any) -> bool:
     return type(events) is list or (events is None and type(user.get("consents")) is dict)
 
 
-def _export_line(user: dict, events: list, line: int) -> list[Observation | Unusable]:
+def _export_observations(user: dict, events: list, line: int) -> list[Observation | Unusable]:
     out: list[Observation | Unusable] = []
+    emit_export_line(user, events, line, lambda *fields: out.append(Observation(*fields)), out.append)
+    return out
+
+
+def emit_export_line(
+    user: dict, events: list, line: int, emit: Emit, unusable: Callable[[Unusable], None]
+) -> None:
+    """The observations of one batch-export line, in order: the user's status, then each event."""
     if isinstance(user.get("consents"), dict):
-        out.append(_user(user, line))
+        emit(*user_fields(user, line))
     for event in events:
         if isinstance(event, dict):
-            out.append(_event(event, line, owner=user))
+            emit(*event_fields(event, line, owner=user))
         else:
-            out.append(Unusable("rejected", f"events[] item is {_type_name(event)}, not an event", line))
-    return out
+            unusable(Unusable("rejected", f"events[] item is {type_name(event)}, not an event", line))
 
 
 def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
@@ -252,7 +279,7 @@ def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
         yield Unusable("rejected", f"webhook {kind}: parameters.{slot}.consents is not an object", line)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return {str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
         type(value), "null" if value is None else type(value).__name__
     )
