@@ -193,6 +193,14 @@ def sync_against(url: str, data: Path, tmp: Path, expected: int, *extra: str) ->
     return wall, summary
 
 
+def _steps(summary: dict, wall: float) -> str:
+    """A run's steps, seconds since its process started (summary.json timings.since_start)."""
+    steps = summary.get("timings", {}).get("since_start")
+    if not steps:
+        return ""
+    return "; since start: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()) + f", exit {wall:.2f}"
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -247,7 +255,7 @@ def bench_delivery(tmp: Path) -> list[Row]:
         gap = summary.get("timings", {}).get("first_call_after_fold_seconds")
         if gap is not None:
             after_fold.append(gap)
-        log(f"  delivery run {i + 1}: {wall:.2f} s, 606/615 seen: {sixes[-1]}")
+        log(f"  delivery run {i + 1}: {wall:.2f} s, 606/615 seen: {sixes[-1]}{_steps(summary, wall)}")
     wall = statistics.median(walls)
     ratio = optimal / wall
     rows = [
@@ -313,8 +321,9 @@ def bench_diy(tmp: Path) -> list[Row]:
     ours, theirs = [], []
     for i in range(RUNS):
         with sandbox(leads, latency) as url:
-            wall, _ = sync_against(url, data, tmp, DIY_LEADS)
+            wall, summary = sync_against(url, data, tmp, DIY_LEADS)
         ours.append(wall)
+        log(f"  DIY run {i + 1}, ours: {wall:.2f} s{_steps(summary, wall)}")
         with sandbox(leads, latency) as url:
             wall, _, run = run_timed([sys.executable, str(script), url, str(data)])
         if run.returncode != 0 or run.stdout.strip() != str(DIY_LEADS):

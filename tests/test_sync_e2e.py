@@ -265,3 +265,19 @@ def test_missing_credentials_are_a_config_error(sandbox, tmp_path, cli):
     result = cli("sync", data, "-c", config, env={"MARKETO_CLIENT_ID": "", "MARKETO_CLIENT_SECRET": ""})
     assert result.exit_code == 2
     assert "MARKETO_CLIENT_SECRET" in result.stderr
+
+
+def test_summary_times_each_step_since_the_process_started(sandbox_factory, tmp_path):
+    """timings.since_start: when the run's steps happened, in seconds since the process started
+    (the interpreter and the imports count too), in the order they happened."""
+    sb = sandbox_factory(leads_file=str(SAMPLES / "leads.json"))
+    config = sample_config(tmp_path, sb)
+    run = run_subprocess("sync", SAMPLES / "didomi", "-c", config, "--report", tmp_path / "r", "-q", env=ENV)
+    assert run.returncode == 1, run.stderr  # the sample's bad-records file
+    timings = json.loads((tmp_path / "r" / "summary.json").read_text())["timings"]
+    steps = timings["since_start"]
+    assert set(steps) >= {"read_started", "preflight_started", "token", "schema_and_usage", "fold_ended",
+                          "first_call", "last_answer", "summary"}  # fmt: skip
+    assert list(steps.values()) == sorted(steps.values()) and steps["read_started"] > 0
+    assert steps["schema_and_usage"] <= steps["first_call"] < steps["last_answer"] <= steps["summary"]
+    assert timings["first_call_after_fold_seconds"] >= 0

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import itertools
 import math
+import os
 import signal
 import sqlite3
 import sys
@@ -144,7 +145,8 @@ def run_sync(
     warnings, warn = _warnings(on_warning)
     resumed: DeliveryStats | None = None
     preflight: Preflight | None = None
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {}
+    marks: dict[str, float] = {}  # monotonic instants of the run's steps (timings.since_start)
     with open_state(options, warn) as store:
         fold = build_fold(config, report.issue, options.spill_threshold)
         if store is not None and credentials is not None and not options.dry_run:
@@ -157,7 +159,7 @@ def run_sync(
                 # read: neither needs the other. A failure stops the reading at the next file.
                 preflight = Preflight(credentials, config, store, options, warn)
             inputs = InputFilter(store, options.full, config) if store is not None else None
-            read_started = time.monotonic()
+            read_started = marks["read_started"] = time.monotonic()
             with _reading_progress(on_progress, input_stats):
                 read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window,
                           jobs=options.jobs or default_jobs(),
@@ -166,13 +168,15 @@ def run_sync(
                           max_line_bytes=options.max_line_bytes)  # fmt: skip
             fold_ended = time.monotonic()
             if preflight is not None:
-                preflight.finish(store)  # raises what it found (bad credentials, missing fields)
+                preflight.finish(store)
+                marks.update(preflight.marks)  # raises what it found (bad credentials, missing fields)
                 if store is not None and credentials is not None and store.open_bulk_jobs():
                     # Before planning: what those jobs confirm is not planned (or sent) again.
                     resumed = asyncio.run(
                         _resume(config, credentials, options, report, store, sinks, clock, preflight.calls)
                     )
             timings["read_and_fold_seconds"] = round(fold_ended - read_started, 3)
+            marks["fold_ended"] = fold_ended
             if inputs is not None:
                 input_stats.files_unchanged = inputs.unchanged
             if fold.stats.user_deletions:
@@ -196,6 +200,9 @@ def run_sync(
                                         preflight=preflight)  # fmt: skip
                 if delivery is not None and delivery.first_call_at is not None and clock is None:
                     timings["first_call_after_fold_seconds"] = round(delivery.first_call_at - fold_ended, 3)
+                    marks["first_call"] = delivery.first_call_at
+                    if delivery.last_answer_at is not None:
+                        marks["last_answer"] = delivery.last_answer_at
                 if fresher is not None:
                     fresher.flush()  # before the inputs count as synced
                 if delivery is not None and inputs is not None and store is not None:
@@ -217,6 +224,9 @@ def run_sync(
                     output.close()
         finally:
             fold.close()
+    marks["summary"] = time.monotonic()
+    if (since := since_start(marks)) is not None:
+        timings["since_start"] = since
     summary = RunSummary(
         "dry-run" if options.dry_run else "sync", started, time.time(), config.identity(), planner.stats,
         exit_code=exit_code(delivery, bool(fold.stats.rejected or input_stats.partitions_refused),
@@ -227,6 +237,27 @@ def run_sync(
     report.finish(summary.to_json())
     fatal = delivery.fatal if delivery else None
     return RunResult(summary, summary.exit_code, tee.samples, fatal, warnings)
+
+
+def process_started() -> float | None:
+    """When this process started, on time.monotonic()'s scale (from /proc: Linux, 10 ms ticks),
+    or None: the interpreter's start and the imports are part of every run's time to its first call."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            after_name = f.read().rsplit(b")", 1)[1].split()
+        ticks = int(after_name[19])  # field 22, starttime: clock ticks after boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def since_start(marks: dict[str, float]) -> dict[str, float] | None:
+    """Each step's instant as seconds since the process started, in the order they happened."""
+    started = process_started()
+    if started is None:
+        return None
+    return {name: round(t - started, 3) for name, t in sorted(marks.items(), key=lambda kv: kv[1])}
 
 
 class _KnownWriter:
@@ -413,6 +444,7 @@ class Preflight:
         self.used: int | None = None
         self.read_usage = self.usage_read = False
         self.error: BaseException | None = None
+        self.marks: dict[str, float] = {}  # when its steps happened (timings.since_start)
         self._thread = threading.Thread(target=self._run, name="preflight", daemon=True)
         self._switch_interval = sys.getswitchinterval()
 
@@ -461,6 +493,7 @@ class Preflight:
             )
 
     def _run(self) -> None:
+        self.marks["preflight_started"] = time.monotonic()
         try:
             asyncio.run(self._calls())
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by check/finish
@@ -483,6 +516,7 @@ class Preflight:
             except CallFailed as e:
                 raise FatalError(f"cannot reach Marketo at {credentials.base_url}: {e.message}") from None
             self.token = client.current_token
+            self.marks["token"] = time.monotonic()
             need_schema = self.check_schema and self.cached is None
             # Both at once: each is a full round trip, and the reading rarely takes longer.
             self.fields, self.used = await asyncio.gather(
@@ -491,6 +525,8 @@ class Preflight:
             )
             self.usage_read = self.read_usage
             self.calls = list(client.recent_calls)
+            if need_schema or self.read_usage:
+                self.marks["schema_and_usage"] = time.monotonic()
 
     async def _schema(self, client: MarketoClient) -> list[dict[str, Any]] | None:
         try:
