@@ -179,24 +179,27 @@ class StateStore:
     # -- outcomes (deliver.OutcomeSink): one transaction per batch ------------------------------
 
     def batch_done(self, outcomes: list[LeadOutcome]) -> None:
+        """One transaction: the batch's rows read in one query, then each lead written. This runs
+        for every batch of a delivery (in its bookkeeping thread), so each lead's stored consent
+        is decoded once and nothing is merged twice."""
         now = time.time()
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            rows = self._rows([o.key for o in outcomes])  # key -> (confirmed, known)
             for o in outcomes:
-                fields = {k: v for k, v in o.payload.items() if k in o.stamps}
-                row = db.execute("SELECT confirmed, known FROM leads WHERE key = ?", (o.key,)).fetchone()
+                sent = {k: (v, stamp_from_json(o.stamps[k])) for k, v in o.payload.items() if k in o.stamps}
+                row = rows.get(o.key)
                 # Whatever became of the lead, the newest consent planned for it is kept.
-                known_before = (row[1] or row[0]) if row else None
-                known = _merged(known_before, fields, o.stamps)
+                known_before = _entries((row[1] or row[0]) if row else None)
+                merged = newest(known_before, sent)
                 if o.delivered:
                     # `confirmed` is what Marketo now holds: what was sent, even if older.
                     entries = _entries(row[0]) if row else {}
-                    for name, value in fields.items():
-                        entries[name] = (value, stamp_from_json(o.stamps[name]))
+                    entries.update(sent)
+                    confirmed: bytes | None = _encode(entries)
+                    known = None if merged == entries else _encode(merged)  # None: known is confirmed
                     values = {k: v[0] for k, v in entries.items()}
-                    confirmed = _encode(entries)
-                    known = _merged(known_before, fields, o.stamps, confirmed)
                     db.execute(
                         "INSERT INTO leads (key, confirmed, confirmed_hash, confirmed_at, updated_at, known)"
                         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET confirmed=excluded.confirmed,"
@@ -205,25 +208,29 @@ class StateStore:
                         " skipped_reason=NULL, updated_at=excluded.updated_at, known=excluded.known",
                         (o.key, confirmed, payload_hash(values), now, now, known),
                     )
-                elif o.retryable:
-                    stamps = {k: compact_stamp(stamp_from_json(v)) for k, v in o.stamps.items()}
-                    pending = orjson.dumps({"payload": o.payload, "stamps": stamps})
-                    db.execute(
-                        "INSERT INTO leads (key, pending, pending_reason, updated_at, known) VALUES (?, ?, ?, ?, ?)"
-                        " ON CONFLICT(key) DO UPDATE SET pending=excluded.pending,"
-                        " pending_reason=excluded.pending_reason, updated_at=excluded.updated_at,"
-                        " known=excluded.known",
-                        (o.key, pending, redact(f"{o.code}: {o.reason}"), now, known),
-                    )
                 else:
-                    db.execute(
-                        "INSERT INTO leads (key, skipped_hash, skipped_code, skipped_reason, updated_at, known)"
-                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET pending=NULL,"
-                        " pending_reason=NULL, skipped_hash=excluded.skipped_hash,"
-                        " skipped_code=excluded.skipped_code, skipped_reason=excluded.skipped_reason,"
-                        " updated_at=excluded.updated_at, known=excluded.known",
-                        (o.key, payload_hash(fields), o.code, redact(o.reason), now, known),
-                    )
+                    confirmed, known = (row[0] if row else None), _encode(merged)
+                    if o.retryable:
+                        stamps = {k: compact_stamp(stamp_from_json(v)) for k, v in o.stamps.items()}
+                        pending = orjson.dumps({"payload": o.payload, "stamps": stamps})
+                        db.execute(
+                            "INSERT INTO leads (key, pending, pending_reason, updated_at, known)"
+                            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET pending=excluded.pending,"
+                            " pending_reason=excluded.pending_reason, updated_at=excluded.updated_at,"
+                            " known=excluded.known",
+                            (o.key, pending, redact(f"{o.code}: {o.reason}"), now, known),
+                        )
+                    else:
+                        fields = {k: v for k, (v, _) in sent.items()}
+                        db.execute(
+                            "INSERT INTO leads (key, skipped_hash, skipped_code, skipped_reason, updated_at, known)"
+                            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET pending=NULL,"
+                            " pending_reason=NULL, skipped_hash=excluded.skipped_hash,"
+                            " skipped_code=excluded.skipped_code, skipped_reason=excluded.skipped_reason,"
+                            " updated_at=excluded.updated_at, known=excluded.known",
+                            (o.key, payload_hash(fields), o.code, redact(o.reason), now, known),
+                        )
+                rows[o.key] = (confirmed, known)  # a key twice in one batch sees its first write
             db.execute("COMMIT")
         except BaseException:
             # SQLite may have rolled back already (a full disk does): a second ROLLBACK would
@@ -232,6 +239,16 @@ class StateStore:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             raise
+
+    def _rows(self, keys: list[str]) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """(confirmed, known) of each of `keys` the state holds, in queries of 500 keys."""
+        found: dict[str, tuple[bytes | None, bytes | None]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            query = f"SELECT key, confirmed, known FROM leads WHERE key IN ({', '.join('?' * len(chunk))})"
+            for key, confirmed, known in self.db.execute(query, chunk):
+                found[key] = (confirmed, known)
+        return found
 
     # -- bulk import jobs (deliver_bulk.JobJournal) ---------------------------------------------
     # A job is recorded with its leads before its upload starts, and gets its batch id as soon
