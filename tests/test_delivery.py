@@ -298,3 +298,21 @@ def test_retry_with_state_never_rolls_back_a_newer_sync(sandbox_factory, tmp_pat
         assert lead["didomiAnalyticsOptIn"] is (i % 2 == 0)  # from the pending payload, never lost
     summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
     assert summary["leads"]["to_send"] == 0 and summary["leads"]["unchanged"] == 20
+
+
+def test_a_fold_spilled_to_disk_is_delivered_with_a_state(sandbox_factory, tmp_path):
+    """Planning (the fold's spill read back, the state read) and recording (the state written)
+    run in the engine's bookkeeping thread, not the thread that folded: every lead still lands
+    once, and the state records each as confirmed (a second run sends nothing)."""
+    n = 700
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, n)))
+    events_file(tmp_path, n)
+    config = load_config(make_config(tmp_path, sb, upsert_mode=False))
+    options = SyncOptions(paths=[str(tmp_path / "events.ndjson")], spill_threshold=100,
+                          state=str(tmp_path / "state.sqlite"))  # fmt: skip
+    first = run_sync(config, options, Report(None), credentials=config.credentials(), clock=FastClock())
+    assert first.summary.delivery is not None and first.summary.delivery.updated == n
+    assert_all_right(sb, n)
+    assert sorted(sb.stats()["sync_batch_sizes"]) == [100, 300, 300]
+    again = run_sync(config, options, Report(None), credentials=config.credentials(), clock=FastClock())
+    assert again.summary.delivery is not None and again.summary.delivery.sent == 0

@@ -632,7 +632,8 @@ class Fold:
     def _spill_out(self) -> None:
         if self._spill is None:
             self._spill_file = tempfile.TemporaryDirectory(prefix="didomi-fold-", dir=self.scratch_dir)
-            db = sqlite3.connect(Path(self._spill_file.name) / "fold.sqlite")
+            # Read back by the delivery's bookkeeping thread (deliver.Engine.run), one user at a time.
+            db = sqlite3.connect(Path(self._spill_file.name) / "fold.sqlite", check_same_thread=False)
             db.execute("PRAGMA journal_mode=OFF")
             db.execute("PRAGMA synchronous=OFF")
             db.execute("CREATE TABLE spill (key TEXT, chunk INTEGER, state BLOB)")
