@@ -475,6 +475,27 @@ def test_check_offline_never_calls_marketo_and_reads_the_sample(data, sandbox, t
     assert sandbox.stats()["calls_total"] == 0 and sandbox.stats()["identity_calls"] == 0
 
 
+def test_check_sees_the_ids_of_every_record_of_an_export_line(tmp_path, cli):
+    """Export lines take the fold's fused short way: the sample's ids must still be seen there,
+    or a purpose found only in events would be called a typo."""
+    line = {
+        "user": {"organization_user_id": "a@example.com", "updated_at": "2026-11-01T00:00:00Z",
+                 "consents": {"purposes": [{"id": "newsletter", "enabled": True}]}},
+        "events": [{"created_at": "2026-11-02T00:00:00Z", "status": "confirmed",
+                    "user": {"organization_user_id": "a@example.com"},
+                    "consents": {"purposes": [{"id": "ads", "enabled": False}]}}],
+    }  # fmt: skip
+    sample = tmp_path / "export.ndjson"
+    write_ndjson(sample, [line, line | {"user": line["user"] | {"organization_user_id": "b@example.com"}}])
+    typo = config_at(tmp_path, mappings=mappings(("didomiNewsletterOptIn", nl("adz"))))
+    result = cli("check", "-c", typo, "--offline", "--sample", sample, "--format", "json")
+    [problem] = json.loads(result.stdout)["problems"]
+    assert (
+        "purpose 'adz' never appears in the sample (seen: ads, newsletter); did you mean 'ads'?"
+        in (problem["message"])
+    )
+
+
 def test_check_without_credentials_stays_offline_and_says_so(tmp_path, cli):
     config = SAMPLES / "config" / "marketo.yaml"  # ${MARKETO_CLIENT_ID} ...
     result = cli("check", "-c", config, env=NO_CREDS_ENV)

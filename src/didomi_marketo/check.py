@@ -12,10 +12,12 @@ import difflib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, Config
 from didomi_marketo.didomi.fold import Fold, FoldSchema, value_at
+from didomi_marketo.didomi.records import emit_export_line
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.inputs import InputStats, read_into
 from didomi_marketo.mapping import (
@@ -145,6 +147,11 @@ class _SeenFold(Fold):
         if isinstance(md, dict):
             seen["metadata key"].update(str(k) for k in md)
         super().observe(path, kind, raw_key, timestamp, consents, user, *rest)
+
+    def add_export_line(self, user: dict, events: list, line: int, path: str) -> None:
+        # Not the fused short way: every record goes through `observe`, which notes its ids.
+        emit_export_line(user, events, line, partial(self.observe, path),
+                         lambda u: self.reject(u.category, path, u.line, u.reason, u.key))  # fmt: skip
 
 
 def _dicts(items: Any) -> Iterator[dict]:
