@@ -302,6 +302,19 @@ def test_7_a_tls_verification_failure_is_named_not_cannot_connect(tmp_path, host
     assert "Traceback" not in res.stderr
 
 
+def test_7_plain_http_gets_a_context_that_trusts_nothing_and_https_the_ca_bundle():
+    """Loading the CA bundle is on the way to the first call; plain http (loopback only) does
+    without it, and the context it gets instead would refuse any certificate."""
+    import ssl
+
+    from didomi_marketo.marketo.client import _verify
+
+    plain, tls = _verify("http://127.0.0.1:8787"), _verify("https://123-ABC-456.mktorest.com")
+    assert plain.cert_store_stats()["x509_ca"] == 0
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname
+    assert tls.cert_store_stats()["x509_ca"] > 0 and tls.verify_mode == ssl.CERT_REQUIRED
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. A YAML alias bomb
 
