@@ -1753,14 +1753,17 @@ def serve_forever(
     sandbox = MarketoSandbox(config, host, port).start()
     for kind, times in faults or []:
         sandbox.inject(kind, times)
-    done = threading.Event()
+    # The handler only appends to a list: a handler that takes a lock (Event.set) deadlocks when
+    # a second signal lands while the first one's handler holds it (`kill %1` then a shell's
+    # EXIT trap killing its jobs left a sandbox hanging on its port for good).
+    signals: list[int] = []
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda _signum, _frame: done.set())
+            previous[sig] = signal.signal(sig, lambda signum, _frame: signals.append(signum))
     try:
         print(f"Marketo sandbox listening on {sandbox.base_url}", flush=True)
-        while not done.is_set():
+        while not signals:
             time.sleep(0.1)
     except KeyboardInterrupt:
         pass
