@@ -4,13 +4,15 @@ payloads."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from conftest import MAPPINGS, event, make_config
+import pytest
+from conftest import MAPPINGS, event, make_config, write_ndjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,10 +25,15 @@ KEYS = ["a@example.com", "B@example.com", "b@example.com", "c@example.com", "not
 TIMES = ["2026-11-01T00:00:00Z", "2026-11-01T00:00:00+00:00", "2026-11-02T08:00:00Z", "yesterday"]
 
 
-def _record(draw: st.DrawFn) -> Any:
-    kind = draw(st.sampled_from(["event", "event", "user", "export", "pending", "broken", "array"]))
-    key = draw(st.sampled_from(KEYS))
-    at = draw(st.sampled_from(TIMES))
+FOLD_KINDS = ["event", "event", "user", "export", "pending", "broken", "array"]
+
+
+def _record(
+    draw: st.DrawFn, keys: list[str] = KEYS, times: list[str] = TIMES, kinds: list[str] = FOLD_KINDS
+) -> Any:
+    kind = draw(st.sampled_from(kinds))
+    key = draw(st.sampled_from(keys))
+    at = draw(st.sampled_from(times))
     purposes = {"newsletter": draw(st.sampled_from([True, False, None]))}
     if draw(st.booleans()):
         purposes["product_analytics"] = draw(st.booleans())
@@ -34,6 +41,8 @@ def _record(draw: st.DrawFn) -> Any:
         return event(key, at, purposes)
     if kind == "pending":
         return event(key, at, purposes, status="pending_approval")
+    if kind == "ccpa":
+        return event(key, at, purposes, regulation="ccpa")
     user = {"organization_user_id": key, "updated_at": at, "country": draw(st.sampled_from(["FR", "DE"])),
             "consents": {"purposes": [{"id": p, "enabled": v} for p, v in purposes.items()]}}  # fmt: skip
     if kind == "user":
@@ -109,4 +118,127 @@ def test_cli_payloads_are_the_same_with_one_job_or_several(tmp_path, cli):
         out[jobs] = (tmp_path / f"o{jobs}").read_text()
         rejected = (tmp_path / f"r{jobs}" / "rejected.ndjson").read_text()
         assert "part-2.ndjson:9" in rejected
-    assert out[1] == out[2] and len(out[1].splitlines()) == 40
+    # The same payloads; on several cores they come shard by shard (README: the order of leads).
+    assert sorted(out[1].splitlines()) == sorted(out[2].splitlines()) and len(out[1].splitlines()) == 40
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning on every core (sync, `--jobs` > 1): the workers that read also plan, each a key shard
+# of the leads, against the state; the parent plans the state's pending and rechecked leads the
+# input did not mention. Against one core: the same payloads, report lines, state and summary.
+
+SYNC_KEYS = ["a@example.com", "A@example.com", "b@example.com", "c@example.com", "d@example.com",
+             "e@example.com", "f@example.com", "g@example.com"]  # fmt: skip
+IN_MARKETO = ["a@example.com", "b@example.com", "c@example.com", "d@example.com", "f@example.com"]
+SYNC_TIMES = [
+    "2026-11-01T00:00:00Z",
+    "2026-11-02T00:00:00Z",
+    "2026-11-02T00:00:00.000Z",
+    "2026-11-03T00:00:00Z",
+]
+SYNC_MAPPINGS = [
+    *MAPPINGS,
+    {"id": "didomiCountry", "value": "country"},
+    {"id": "didomiConsentUpdatedAt", "value": "updated_at"},
+]
+# The state before the run: the prime run's first batch of 3 is delivered (e: 1004, skipped, as
+# it is not in Marketo; a and b: confirmed), then the daily quota stops it: the rest is pending.
+PRIME = [event(k, "2026-10-01T00:00:00Z", {"newsletter": i % 2 == 0, "product_analytics": True})
+         for i, k in enumerate(["e@example.com", "a@example.com", "b@example.com", "c@example.com",
+                                "d@example.com", "f@example.com", "g@example.com"])]  # fmt: skip
+
+
+def _sync_record(draw: st.DrawFn) -> Any:
+    return _record(
+        draw, SYNC_KEYS, SYNC_TIMES, ["event", "event", "event", "user", "pending", "ccpa", "broken"]
+    )
+
+
+def _lines(path: Path, drop: tuple[str, ...] = ()) -> list[str]:
+    """A report's NDJSON lines, without the fields that say when (not what)."""
+    out = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out.append(json.dumps({k: v for k, v in rec.items() if k not in drop}, sort_keys=True))
+    return out
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    s = json.loads(path.read_text())
+    out = {k: s[k] for k in ("leads", "fields", "input", "exit_code")}
+    if "delivery" in s:
+        out["delivery"] = {k: s["delivery"][k] for k in ("sent", "updated", "created", "skipped", "failed",
+                                                        "failed_retryable", "stop_reason")}  # fmt: skip
+    return out
+
+
+def _sync_with(cli: Any, folder: Path, work: Path, jobs: int, spill: int) -> dict[str, Any]:
+    """Prime a state (one core), then a dry run and a sync with `jobs` over `folder`: what each
+    produced, in a form that does not depend on the order of the leads."""
+    import httpx
+
+    from didomi_marketo.cli import run as cli_run
+    from didomi_marketo.sandbox import MarketoSandbox, SandboxConfig
+    from didomi_marketo.sync import SyncOptions
+
+    leads_file = write_ndjson(work / "leads.ndjson", [])
+    leads_file.write_text(json.dumps([{"email": k} for k in IN_MARKETO]))
+    sb = MarketoSandbox(SandboxConfig(leads_file=str(leads_file), daily_quota=2)).start()
+    try:
+        config = make_config(
+            work, sb, mappings=SYNC_MAPPINGS, delivery={"batch_size": 3, "max_concurrency": 1}
+        )
+        state = work / "state.db"
+        prime = write_ndjson(work / "prime" / "prime.ndjson", PRIME)
+        assert cli("sync", prime, "-c", config, "--state", state, "-q").exit_code == 3  # the quota
+        sb.config.daily_quota = 100_000
+        httpx.post(sb.base_url + "/_sandbox/reset-quota")
+        out: dict[str, Any] = {}
+        with pytest.MonkeyPatch.context() as mp:
+            # A tiny spill threshold: every fold (the parent's, each worker's) spills to SQLite.
+            mp.setattr(cli_run, "SyncOptions", functools.partial(SyncOptions, spill_threshold=spill))
+            dry = cli("sync", folder, "-c", config, "--state", state, "--recheck-skipped", "--dry-run",
+                      "--jobs", jobs, "--output", work / "dry.ndjson", "--report", work / "dry", "-q")  # fmt: skip
+            out["dry_exit"] = dry.exit_code
+            out["dry_payloads"] = sorted(_lines(work / "dry.ndjson"))
+            out["dry_summary"] = _summary(work / "dry" / "summary.json")
+            # Without --output the workers send back only a few sample payloads: the same counts.
+            cli("sync", folder, "-c", config, "--state", state, "--recheck-skipped", "--dry-run", "--jobs", jobs,
+                "--report", work / "dry2", "-q")  # fmt: skip
+            out["dry_summary_no_output"] = _summary(work / "dry2" / "summary.json")
+            real = cli("sync", folder, "-c", config, "--state", state, "--recheck-skipped", "--jobs", jobs,
+                       "--report", work / "r", "-q")  # fmt: skip
+        out["exit"] = real.exit_code
+        out["summary"] = _summary(work / "r" / "summary.json")
+        for name in ("rejected", "ignored"):  # in input order, whatever the cores
+            out[name] = _lines(work / "r" / f"{name}.ndjson") + _lines(work / "dry" / f"{name}.ndjson")
+        for name in ("delivered", "undelivered"):
+            out[name] = sorted(_lines(work / "r" / f"{name}.ndjson"))
+        out["marketo"] = sorted(
+            json.dumps({k: v for k, v in lead.items() if k not in ("createdAt", "updatedAt")}, sort_keys=True)
+            for lead in sb.leads()
+        )
+        exported = cli("state", "export", "--state", state).stdout.splitlines()
+        out["state"] = [{k: v for k, v in json.loads(x).items() if k != "confirmed_at"} for x in exported]
+        return out
+    finally:
+        sb.stop()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                             HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(files=st.lists(st.lists(st.composite(_sync_record)(), max_size=10), min_size=2, max_size=4),
+       spill=st.sampled_from([2, 250_000]))  # fmt: skip
+def test_sync_on_every_core_sends_and_reports_exactly_what_one_core_does(cli, files, spill):
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "in"
+        folder.mkdir()
+        write(folder, files)
+        runs = {}
+        for jobs in (1, 2):
+            (Path(d) / f"j{jobs}").mkdir()
+            runs[jobs] = _sync_with(cli, folder, Path(d) / f"j{jobs}", jobs, spill)
+    one, two = runs[1], runs[2]
+    assert one["state"] and one["summary"]["leads"]["folded"] >= 0
+    for name in one:
+        assert two[name] == one[name], name

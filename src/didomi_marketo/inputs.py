@@ -6,15 +6,17 @@ so each reads exactly as `sync` does. The consent rules themselves live in `dido
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
 import signal
 import tempfile
+import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from didomi_marketo.config import Config
 from didomi_marketo.didomi.fold import SPILL_THRESHOLD, Fold, FoldSchema, FoldStats, IssueSink
@@ -35,6 +37,8 @@ from didomi_marketo.mapping import FieldMapping
 from didomi_marketo.outcomes import payload_hash
 from didomi_marketo.state import StateStore, input_unit
 from didomi_marketo.storage import check_urls, discover_url, is_url
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,13 +86,44 @@ def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: Input
     process. `on_start(files)` runs once the workers exist (a thread it starts is never forked
     with them); `check` runs between files and may raise to stop the reading. A line longer than
     `max_line_bytes` is rejected at its `path:line`, never held in memory."""
+    _read(
+        fold, paths, allow_incomplete, stats, unchanged, window, jobs, on_start, check, max_line_bytes, None
+    )
+
+
+def read_sharded(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats,
+                 unchanged: InputFilter | None = None, window: DateWindow = ALL_DATES, *, jobs: int = 1,
+                 on_start: Callable[[list[InputFile]], None] | None = None,
+                 check: Callable[[], None] | None = None,
+                 max_line_bytes: int = MAX_LINE_BYTES, context: Any = None) -> Shards | None:  # fmt: skip
+    """`read_into`, except that on several cores the folded leads stay with the workers, split by
+    key into shards that `Shards.map` has them process (`context` is what that work needs: the
+    workers inherit it as they start): `fold` gets only the issues and counts. None when it read
+    into `fold` in this process (one core or one file, stdin, URLs). Close the Shards when done."""
+    return _read(fold, paths, allow_incomplete, stats, unchanged, window, jobs, on_start, check,
+                 max_line_bytes, context, sharded=True)  # fmt: skip
+
+
+def _read(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStats, unchanged: InputFilter | None,
+          window: DateWindow, jobs: int, on_start: Callable[[list[InputFile]], None] | None,
+          check: Callable[[], None] | None, max_line_bytes: int, context: Any,
+          sharded: bool = False) -> Shards | None:  # fmt: skip
     items = list(discover_all(paths, allow_incomplete, window))
     files = [i for i in items if isinstance(i, InputFile)]
     # Local files only: stdin cannot be shared, and a storage client's threads do not fork.
     local = all(f.source is None and not f.is_stream for f in files)
     if jobs > 1 and len(files) > 1 and local:
-        _read_parallel(fold, items, stats, unchanged, min(jobs, len(files)), on_start, check, max_line_bytes)
-        return
+        jobs = min(jobs, len(files))
+        shards = Shards(fold, jobs, shard_count(files, jobs) if sharded else 1, max_line_bytes, context)
+        try:
+            _read_parallel(fold, items, stats, unchanged, shards, not sharded, on_start, check)
+        except BaseException:
+            shards.close()
+            raise
+        if sharded:
+            return shards
+        shards.close()
+        return None
     if on_start is not None:
         on_start(files)
     for item in items:
@@ -100,6 +135,7 @@ def read_into(fold: Fold, paths: list[str], allow_incomplete: bool, stats: Input
             read = _read_file(fold, item, stats, max_line_bytes)
             if not read and unchanged is not None:
                 unchanged.forget(item)  # not read: the next run must try it again
+    return None
 
 
 def _skipped(stats: InputStats, name: str) -> None:
@@ -160,107 +196,207 @@ def _read_file(fold: Fold, item: InputFile, stats: InputStats, max_line_bytes: i
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading on every core: a worker folds one whole file into a Fold of its own and writes the
-# folded leads to a scratch file; the parent absorbs the files' results strictly in input order
-# (Fold.absorb: later input wins ties), and replays each file's issues in order. So the parent
-# holds one fold (spilling past its threshold as always) and each worker one file's fold.
+# Reading on every core. Phase 1: a worker folds one whole file into a Fold of its own and writes
+# the folded leads to a scratch file, split by key into shards (`shard_of`); the parent replays
+# each file's issues and counts strictly in input order. Then either the parent absorbs every
+# file's leads in input order (`read_into`: Fold.absorb, later input wins ties), or, phase 2
+# (`read_sharded`), the same workers each absorb one shard of every file, in input order, and
+# process it (`Shards.map`): the parent never holds the leads, and every core plans.
 
-_PICKLE_CHUNK = 20_000  # leads per pickle in a result file: bounded memory on both sides
+_PICKLE_CHUNK = 20_000  # leads held before a scratch file is written: bounded memory on both sides
+SHARD_LEADS = 25_000  # leads a shard should hold (a worker holds one shard; the first waits for it)
+MAX_SHARDS = 256
+BYTES_PER_LEAD_GUESS = 100  # gzipped export lines per distinct user (measured: 108); a guess only
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard of a lead key. crc32 rather than hash(): the same in every process and every run
+    (a str's hash changes with PYTHONHASHSEED), so a run's order of leads is reproducible."""
+    return zlib.crc32(key.encode()) % shards
+
+
+def shard_count(files: list[InputFile], jobs: int) -> int:
+    """Shards for a parallel read of `files`: at least 4 per worker (the load evens out, and the
+    first shard is ready early), more for a big input so that a shard stays near SHARD_LEADS
+    (the leads are not counted yet: the file sizes are a guess; a bigger shard spills, as any fold)."""
+    size = 0
+    for f in files:
+        with contextlib.suppress(OSError):  # unreadable: read_records reports it
+            size += f.path.stat().st_size
+    return max(4 * jobs, min(MAX_SHARDS, size // (BYTES_PER_LEAD_GUESS * SHARD_LEADS) + 1))
 
 
 @dataclass
 class _FileResult:
     leads: str  # scratch file of pickled [(key, state), ...] chunks
+    offsets: list[list[int]]  # per shard, where its chunks start in `leads`
+    count: int  # leads in the file's fold
     issues: list[tuple[str, str, int, str, Any]]
     fold: FoldStats
     inputs: InputStats
     read: bool
 
 
-# (a template fold, scratch dir, line limit), set in each worker
-_worker: tuple[Fold, str, int] | None = None
+@dataclass
+class _Worker:
+    """Set in each worker at start (forked: inherited, never pickled)."""
+
+    template: Fold
+    scratch: str
+    max_line_bytes: int
+    shards: int
+    context: Any  # what Shards.map's work needs, set up before the read (read_sharded)
 
 
-def _start_worker(schema: FoldSchema, identifier: str, regulations: frozenset[str], spill: int,
-                  scratch: str, max_line_bytes: int, deletions: str) -> None:  # fmt: skip
+_worker: _Worker | None = None
+
+
+def _start_worker(setup: _Worker) -> None:
     global _worker
     # Ctrl-C reaches the whole process group: the parent stops the workers, they need not trace.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    template = Fold(
-        schema, identifier, regulations, lambda *a: None, spill_threshold=spill, deletions=deletions
-    )
-    _worker = (template, scratch, max_line_bytes)
+    _worker = setup
+
+
+def _new_fold(template: Fold, on_issue: IssueSink, scratch: str) -> Fold:
+    return Fold(template.schema, template.identifier, template.regulations, on_issue,
+                spill_threshold=template.spill_threshold, scratch_dir=scratch,
+                deletions=template.deletions)  # fmt: skip
 
 
 def _fold_one_file(index: int, item: InputFile) -> _FileResult:
     assert _worker is not None
-    template, scratch, max_line_bytes = _worker
     issues: list[tuple[str, str, int, str, Any]] = []
-    fold = Fold(template.schema, template.identifier, template.regulations,
-                lambda *issue: issues.append(issue), spill_threshold=template.spill_threshold,
-                scratch_dir=scratch, deletions=template.deletions)  # fmt: skip
+    fold = _new_fold(_worker.template, lambda *issue: issues.append(issue), _worker.scratch)
     stats = InputStats()
-    out = os.path.join(scratch, f"file-{index}.pickle")
+    out = os.path.join(_worker.scratch, f"file-{index}.pickle")
     try:
-        read = _read_file(fold, item, stats, max_line_bytes)
-        with open(out, "wb") as f:
-            chunk: list[tuple[str, list[Any]]] = []
-            for lead in fold.leads():
-                chunk.append(lead)
-                if len(chunk) >= _PICKLE_CHUNK:
-                    pickle.dump(chunk, f, pickle.HIGHEST_PROTOCOL)
-                    chunk = []
-            pickle.dump(chunk, f, pickle.HIGHEST_PROTOCOL)
+        read = _read_file(fold, item, stats, _worker.max_line_bytes)
+        offsets, count = _write_shards(fold.leads(), out, _worker.shards)
     finally:
         fold.close()
-    return _FileResult(out, issues, fold.stats, stats, read)
+    return _FileResult(out, offsets, count, issues, fold.stats, stats, read)
+
+
+def _write_shards(
+    leads: Iterable[tuple[str, list[Any]]], path: str, shards: int
+) -> tuple[list[list[int]], int]:
+    """Pickle `leads` to `path` in chunks of one shard each: (each shard's chunk offsets, leads)."""
+    offsets: list[list[int]] = [[] for _ in range(shards)]
+    held: list[list[tuple[str, list[Any]]]] = [[] for _ in range(shards)]
+    count = 0
+    with open(path, "wb") as f:
+
+        def flush() -> None:
+            for j, chunk in enumerate(held):
+                if chunk:
+                    offsets[j].append(f.tell())
+                    pickle.dump(chunk, f, pickle.HIGHEST_PROTOCOL)
+                    held[j] = []
+
+        for lead in leads:
+            held[shard_of(lead[0], shards) if shards > 1 else 0].append(lead)
+            count += 1
+            if count % _PICKLE_CHUNK == 0:
+                flush()
+        flush()
+    return offsets, count
+
+
+def _absorb_chunks(fold: Fold, path: str, offsets: list[int]) -> None:
+    absorb = fold.absorb
+    with open(path, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            for key, state in pickle.load(f):
+                absorb(key, state)
+
+
+def _plan_shard(job: tuple[int, list[tuple[str, list[int]]], Callable[..., Any], Any]) -> Any:
+    """Phase 2, in a worker: shard j of every file, absorbed in input order, handed to `work`."""
+    assert _worker is not None
+    _, parts, work, arg = job
+    fold = _new_fold(_worker.template, lambda *issue: None, _worker.scratch)  # absorb reports nothing
+    try:
+        for path, offsets in parts:
+            _absorb_chunks(fold, path, offsets)
+        return work(fold.leads(), _worker.context, arg)
+    finally:
+        fold.close()
+
+
+class Shards:
+    """The folded leads of a parallel read, on disk, split by key into `count` shards, and the
+    worker processes that wrote them. Close when done: it stops the workers."""
+
+    def __init__(self, fold: Fold, jobs: int, shards: int, max_line_bytes: int, context: Any = None):
+        self.count, self.jobs = shards, jobs
+        self.files: list[_FileResult] = []  # in input order
+        self._scratch = tempfile.TemporaryDirectory(prefix="didomi-read-", dir=fold.scratch_dir)
+        self.scratch = self._scratch.name  # removed on close, with everything in it
+        # A worker's fold spills past the same threshold as the parent's: a file under it is
+        # folded in memory (spilling it cost a sixth more CPU than reading it on one core).
+        setup = _Worker(fold, self._scratch.name, max_line_bytes, shards, context)
+        try:
+            # fork: the workers start in milliseconds with everything imported (spawn re-imports).
+            self.pool = multiprocessing.get_context("fork").Pool(jobs, _start_worker, (setup,))
+        except BaseException:
+            self._scratch.cleanup()
+            raise
+
+    def size_hint(self) -> int:
+        """An upper bound of the distinct leads (a lead in two files counts twice), as Fold's."""
+        return sum(r.count for r in self.files)
+
+    def map(
+        self, work: Callable[[Iterator[tuple[str, list[Any]]], Any, Any], T], args: list[Any]
+    ) -> Iterator[T]:
+        """`work(leads, context, args[j])` for each shard j, in the workers; the results in shard
+        order, each as soon as it and those before it are done. `work` is a module-level function
+        (it is pickled by name); `leads` are the shard's folded leads, every key once."""
+        jobs = [
+            (j, [(r.leads, r.offsets[j]) for r in self.files if r.offsets[j]], work, args[j])
+            for j in range(self.count)
+        ]
+        return self.pool.imap(_plan_shard, jobs)
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+        self._scratch.cleanup()
 
 
 def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompletePartition | Skipped], stats: InputStats,
-                   unchanged: InputFilter | None, jobs: int,
+                   unchanged: InputFilter | None, shards: Shards, absorb: bool,
                    on_start: Callable[[list[InputFile]], None] | None,
-                   check: Callable[[], None] | None, max_line_bytes: int) -> None:  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="didomi-read-", dir=fold.scratch_dir) as scratch:
-        # fork: the workers start in milliseconds with everything imported (spawn re-imports).
-        context = multiprocessing.get_context("fork")
-        # A worker's fold spills past the same threshold as the parent's: a file under it is
-        # folded in memory (spilling it cost a sixth more CPU than reading it on one core).
-        spill = fold.spill_threshold
-        args = (
-            fold.schema,
-            fold.identifier,
-            fold.regulations,
-            spill,
-            scratch,
-            max_line_bytes,
-            fold.deletions,
-        )
-        with context.Pool(jobs, initializer=_start_worker, initargs=args) as pool:
-            if on_start is not None:
-                on_start([i for i in items if isinstance(i, InputFile)])
-            pending: deque[tuple[int, Any]] = deque()  # (index in items, AsyncResult | None)
-            submitted = 0
-            for index, item in enumerate(items):
-                if isinstance(item, InputFile) and _wanted(item, stats, unchanged):
-                    pending.append((index, pool.apply_async(_fold_one_file, (index, item))))
-                    submitted += 1
-                else:
-                    pending.append((index, None))
-                # At most jobs + 1 files ahead of the merge: finished results wait on disk.
-                while submitted > jobs or (pending and pending[0][1] is None):
-                    if check is not None:
-                        check()
-                    submitted -= _merge_next(fold, items, pending, stats, unchanged)
-            while pending:
-                if check is not None:
-                    check()
-                _merge_next(fold, items, pending, stats, unchanged)
+                   check: Callable[[], None] | None) -> None:  # fmt: skip
+    """Phase 1: every file folded by a worker, replayed here in input order (and absorbed into
+    `fold` when `absorb`); at most jobs + 1 files ahead of the replay (results wait on disk)."""
+    pool, jobs = shards.pool, shards.jobs
+    if on_start is not None:
+        on_start([i for i in items if isinstance(i, InputFile)])
+    pending: deque[tuple[int, Any]] = deque()  # (index in items, AsyncResult | None)
+    submitted = 0
+    for index, item in enumerate(items):
+        if isinstance(item, InputFile) and _wanted(item, stats, unchanged):
+            pending.append((index, pool.apply_async(_fold_one_file, (index, item))))
+            submitted += 1
+        else:
+            pending.append((index, None))
+        while submitted > jobs or (pending and pending[0][1] is None):
+            if check is not None:
+                check()
+            submitted -= _merge_next(fold, items, pending, stats, unchanged, shards, absorb)
+    while pending:
+        if check is not None:
+            check()
+        _merge_next(fold, items, pending, stats, unchanged, shards, absorb)
 
 
 def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartition | Skipped],
-                pending: deque[tuple[int, Any]], stats: InputStats,
-                unchanged: InputFilter | None) -> int:  # fmt: skip
-    """Merge the oldest pending item into the fold; 1 if it was a file read by a worker."""
+                pending: deque[tuple[int, Any]], stats: InputStats, unchanged: InputFilter | None,
+                shards: Shards, absorb: bool) -> int:  # fmt: skip
+    """Replay the oldest pending item into the fold; 1 if it was a file read by a worker."""
     index, result = pending.popleft()
     item = items[index]
     if result is None:
@@ -277,16 +413,11 @@ def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartitio
     stats.access_denied.extend(done.inputs.access_denied)
     if not done.read and unchanged is not None:
         unchanged.forget(items[index])  # type: ignore[arg-type]
-    absorb = fold.absorb
-    with open(done.leads, "rb") as f:
-        while True:
-            try:
-                chunk = pickle.load(f)
-            except EOFError:
-                break
-            for key, state in chunk:
-                absorb(key, state)
-    os.unlink(done.leads)
+    if absorb:
+        _absorb_chunks(fold, done.leads, done.offsets[0])
+        os.unlink(done.leads)
+    else:
+        shards.files.append(done)
     return 1
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from didomi_marketo.didomi.fold import (
@@ -90,6 +90,14 @@ class PlanStats:
     kept_newer: int = 0  # fields where the state held a newer consent than the input
     fields: dict[str, Counter] = field(default_factory=dict)
 
+    def add(self, other: PlanStats) -> None:
+        """Count in another planner's stats (a key shard planned in a worker process)."""
+        for f in fields(self):
+            if f.name != "fields":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for name, counter in other.fields.items():
+            self.fields.setdefault(name, Counter()).update(counter)
+
     def count_field(self, name: str, bucket: str) -> None:
         counter = self.fields.get(name)
         if counter is None:
@@ -110,6 +118,8 @@ class Planner:
         recheck_skipped: bool = False,
         send_all: bool = False,
         on_fresher: Callable[[str, dict[str, Any], dict[str, Stamp]], None] | None = None,
+        pending: set[str] | None = None,
+        rechecks: set[str] | None = None,
     ):
         self.mappings = mappings
         self.send_all = send_all  # --full: send every lead, changed or not (newer known still kept)
@@ -121,16 +131,20 @@ class Planner:
         self.lookup_field = lookup_field
         self.state = state
         # Leads an earlier run left pending: re-sent even if this input never mentions them.
-        self.pending: set[str] = (
-            state.pending_keys() if state is not None and hasattr(state, "pending_keys") else set()
-        )
+        # `pending` and `rechecks`, when given, stand for the state's: a key shard's share of
+        # them, planned in a worker (the parent read them once).
+        if pending is None:
+            pending = state.pending_keys() if state is not None and hasattr(state, "pending_keys") else set()
+        self.pending: set[str] = pending
         # --recheck-skipped: leads Marketo skipped as absent (1004) or ambiguous (1007), re-sent
         # with their newest known consent (they may exist, or be unique, by now).
-        self.rechecks: set[str] = (
-            state.skipped_keys(RECHECK_CODES)  # type: ignore[attr-defined]
-            if recheck_skipped and state is not None
-            else set()
-        )
+        if rechecks is None:
+            rechecks = (
+                state.skipped_keys(RECHECK_CODES)  # type: ignore[attr-defined]
+                if recheck_skipped and state is not None
+                else set()
+            )
+        self.rechecks: set[str] = rechecks
         self.stats = PlanStats()
         self._mapped = {m.field for m in mappings}
         # A lead is worth sending when a consent property has a value; timestamps, country or
@@ -204,6 +218,12 @@ class Planner:
         sent when a value differs from what Marketo confirmed, or it is pending; a lead Marketo
         skipped is sent with its full newest known consent once that changes.
         """
+        yield from self.plan_folded(leads)
+        yield from self.plan_from_state()
+
+    def plan_folded(self, leads: Iterable[tuple[str, list[Any]]]) -> Iterator[LeadUpdate]:
+        """The first part of `plan`: the folded leads. Each one seen leaves `pending` and
+        `rechecks` (so key shards planned apart, each with its share of them, add up to `plan`)."""
         stats = self.stats
         lookup = self.lookup_field
         as_int = lookup == "id"
@@ -221,6 +241,12 @@ class Planner:
                 stats.unchanged += 1
                 continue
             yield self._update(key, {lookup: int(key) if as_int else key, **fields}, source(state), stamps)
+
+    def plan_from_state(self) -> Iterator[LeadUpdate]:
+        """The rest of `plan`: the state's pending leads (and rechecks) no folded lead covered."""
+        stats = self.stats
+        lookup = self.lookup_field
+        as_int = lookup == "id"
         if self.pending and self.state is not None:
             for key, payload, stamps in self.state.pending_payloads(self.pending):  # type: ignore[attr-defined]
                 self.rechecks.discard(key)

@@ -30,7 +30,7 @@ from didomi_marketo.deliver_bulk import BulkEngine
 from didomi_marketo.didomi.fold import SPILL_THRESHOLD, FoldSchema, Stamp, stamp_from_json
 from didomi_marketo.didomi.readers import ALL_DATES, MAX_LINE_BYTES, DateWindow, InputFile
 from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
-from didomi_marketo.inputs import InputFilter, InputStats, build_fold, default_jobs, read_into
+from didomi_marketo.inputs import InputFilter, InputStats, Shards, build_fold, default_jobs, read_sharded
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Token
 from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock
@@ -38,6 +38,7 @@ from didomi_marketo.marketo.schema import fetch_schema
 from didomi_marketo.outcomes import LeadOutcome, LeadUpdate
 from didomi_marketo.plan import Planner, PriorState
 from didomi_marketo.report import Report, delivered_consent, read_retryable
+from didomi_marketo.sharded import ShardPlanning, plan_shards
 from didomi_marketo.state import LeadState, StateLock, StateStore
 from didomi_marketo.storage import check_urls
 from didomi_marketo.summary import RunSummary, exit_code, failed_run
@@ -149,6 +150,7 @@ def run_sync(
     marks: dict[str, float] = {}  # monotonic instants of the run's steps (timings.since_start)
     with open_state(options, warn) as store:
         fold = build_fold(config, report.issue, options.spill_threshold)
+        shards: Shards | None = None
         if store is not None and credentials is not None and not options.dry_run:
             store.bind_instance(credentials.base_url)
         try:
@@ -159,13 +161,21 @@ def run_sync(
                 # read: neither needs the other. A failure stops the reading at the next file.
                 preflight = Preflight(credentials, config, store, options, warn)
             inputs = InputFilter(store, options.full, config) if store is not None else None
+            # The run's Planner. On several cores the workers that read also plan, each a shard of
+            # the leads, with the same one; they inherit this as they start.
+            planning = ShardPlanning(
+                config.mappings, fold.schema, config.lookup_field, config.action, send_all=options.full,
+                state=options.state if store is not None else None,
+                fresher=store is not None and not options.dry_run,
+                updates=not options.dry_run or options.output is not None, samples=SAMPLES,
+            )  # fmt: skip
             read_started = marks["read_started"] = time.monotonic()
             with _reading_progress(on_progress, input_stats):
-                read_into(fold, options.paths, options.allow_incomplete, input_stats, inputs, options.window,
-                          jobs=options.jobs or default_jobs(),
-                          on_start=preflight.start if preflight else None,
-                          check=preflight.check if preflight else None,
-                          max_line_bytes=options.max_line_bytes)  # fmt: skip
+                shards = read_sharded(fold, options.paths, options.allow_incomplete, input_stats, inputs,
+                                      options.window, jobs=options.jobs or default_jobs(),
+                                      on_start=preflight.start if preflight else None,
+                                      check=preflight.check if preflight else None,
+                                      max_line_bytes=options.max_line_bytes, context=planning)  # fmt: skip
             fold_ended = time.monotonic()
             if preflight is not None:
                 preflight.finish(store)
@@ -181,20 +191,26 @@ def run_sync(
                 input_stats.files_unchanged = inputs.unchanged
             if fold.stats.user_deletions:
                 warn(deletions_warning(fold.stats.user_deletions, config.deletions))
-            folded = fold.size_hint()  # for the quota estimate and the progress bar
+            # For the quota estimate and the progress bar.
+            folded = shards.size_hint() if shards is not None else fold.size_hint()
             fresher = _KnownWriter(store) if store is not None and not options.dry_run else None
             # --full sends every lead, but still never an older consent than the state knows.
-            planner = Planner(
-                config.mappings, fold.schema, config.lookup_field, store, config.action,
-                recheck_skipped=options.recheck_skipped, send_all=options.full,
+            planner = planning.planner(
+                store, recheck_skipped=options.recheck_skipped,
                 on_fresher=fresher.add if fresher is not None else None,
             )  # fmt: skip
             output = _open_output(options.output)
             try:
-                leads = fold.leads()
-                if options.dry_run and on_progress is not None:  # a sync shows delivery instead
-                    leads = _planning_progress(leads, on_progress, folded)
-                tee = _Tee(planner.plan(leads), output)
+                show_plan = on_progress if options.dry_run else None  # a sync shows delivery instead
+                if shards is not None:
+                    planned = _planned_progress(show_plan, folded) if show_plan is not None else None
+                    updates = plan_shards(shards, planner, fresher.add if fresher else None, planned)
+                else:
+                    leads = fold.leads()
+                    if show_plan is not None:
+                        leads = _planning_progress(leads, show_plan, folded)
+                    updates = planner.plan(leads)
+                tee = _Tee(updates, output)
                 delivery = send_updates(config, credentials, options, tee, report, store, sinks, clock,
                                         on_progress, folded, warn, resumed=resumed,
                                         preflight=preflight)  # fmt: skip
@@ -223,6 +239,8 @@ def run_sync(
                 elif output is not None:
                     output.close()
         finally:
+            if shards is not None:
+                shards.close()
             fold.close()
     marks["summary"] = time.monotonic()
     if (since := since_start(marks)) is not None:
@@ -328,6 +346,18 @@ def _planning_progress(
             on_progress("plan", done, total)
         yield lead
     on_progress("plan", done, total)
+
+
+def _planned_progress(on_progress: Progress, total: int) -> Callable[[int], None]:
+    """The plan phase of a dry run on several cores: leads planned so far, shard by shard."""
+    done = 0
+
+    def planned(n: int) -> None:
+        nonlocal done
+        done += n
+        on_progress("plan", done, total)
+
+    return planned
 
 
 def _warnings(on_warning: Callable[[str], None] | None) -> tuple[list[str], Callable[[str], None]]:
