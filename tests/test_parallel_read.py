@@ -7,6 +7,10 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -242,3 +246,39 @@ def test_sync_on_every_core_sends_and_reports_exactly_what_one_core_does(cli, fi
     assert one["state"] and one["summary"]["leads"]["folded"] >= 0
     for name in one:
         assert two[name] == one[name], name
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out.extend(int(c) for c in f.read().split())
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc (Linux)")
+def test_a_parent_killed_while_reading_takes_its_workers_along_quietly(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for n in range(3):  # enough that each worker is still reading when the parent is killed
+        lines = (json.dumps(event(f"u{n}-{i}@example.com", "2026-11-01T00:00:00Z", {"newsletter": True}))
+                 for i in range(60_000))  # fmt: skip
+        (folder / f"part-{n}.ndjson").write_text("\n".join(lines) + "\n")
+    config = make_config(tmp_path, None, mappings=MAPPINGS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "didomi_marketo", "sync", str(folder), "-c", str(config), "--dry-run", "--jobs", "2",
+         "--report", str(tmp_path / "r"), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        while len(_children(proc.pid)) < 2:  # the two workers are reading
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before its workers started: {proc.stderr.read()}")  # type: ignore[union-attr]
+            subprocess.run(["sleep", "0.01"], check=True)
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to stop them itself
+        # stderr closes once every process holding it is gone: the workers too.
+        _, stderr = proc.communicate(timeout=120)  # a hang guard only
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -203,6 +203,7 @@ def _read_file(fold: Fold, item: InputFile, stats: InputStats, max_line_bytes: i
 # (`read_sharded`), the same workers each absorb one shard of every file, in input order, and
 # process it (`Shards.map`): the parent never holds the leads, and every core plans.
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 _PICKLE_CHUNK = 20_000  # leads held before a scratch file is written: bounded memory on both sides
 SHARD_LEADS = 25_000  # leads a shard should hold (a worker holds one shard; the first waits for it)
 MAX_SHARDS = 256
@@ -246,6 +247,7 @@ class _Worker:
     max_line_bytes: int
     shards: int
     context: Any  # what Shards.map's work needs, set up before the read (read_sharded)
+    parent: int  # the process that started the workers
 
 
 _worker: _Worker | None = None
@@ -255,7 +257,22 @@ def _start_worker(setup: _Worker) -> None:
     global _worker
     # Ctrl-C reaches the whole process group: the parent stops the workers, they need not trace.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(setup.parent)
     _worker = setup
+
+
+def _die_with_parent(parent: int) -> None:
+    """A parent killed outright (SIGTERM while reading, SIGKILL) takes its workers with it, at once
+    and quietly (SIGTERM's default), instead of leaving them to finish a file for nobody and trace
+    a BrokenPipeError on the run's stderr. Linux's PR_SET_PDEATHSIG; elsewhere they finish."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before the request: nobody to work for
+        os._exit(0)
 
 
 def _new_fold(template: Fold, on_issue: IssueSink, scratch: str) -> Fold:
@@ -336,7 +353,7 @@ class Shards:
         self.scratch = self._scratch.name  # removed on close, with everything in it
         # A worker's fold spills past the same threshold as the parent's: a file under it is
         # folded in memory (spilling it cost a sixth more CPU than reading it on one core).
-        setup = _Worker(fold, self._scratch.name, max_line_bytes, shards, context)
+        setup = _Worker(fold, self._scratch.name, max_line_bytes, shards, context, os.getpid())
         try:
             # fork: the workers start in milliseconds with everything imported (spawn re-imports).
             self.pool = multiprocessing.get_context("fork").Pool(jobs, _start_worker, (setup,))
