@@ -70,12 +70,10 @@ def test_json_logs_with_30_rejected_records_and_a_usage_error(sandbox, tmp_path)
 
 
 def test_a_crash_is_one_json_event_and_exit_3(tmp_path, monkeypatch, capsys):
-    from didomi_marketo.cli import run
-
     def boom(*a, **k):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(run, "run_sync", boom)
+    monkeypatch.setattr("didomi_marketo.sync.run_sync", boom)  # the command imports it when it runs
     config = make_config(tmp_path)
     data = write_ndjson(tmp_path / "e.ndjson", [])
     with pytest.raises(SystemExit) as e:
@@ -302,3 +300,42 @@ def test_commands_without_log_format_speak_json_under_the_variable(tmp_path):
     shown = [e["event"] for e in events].count("rejected")
     assert shown >= 1 and events[-1]["event"] == "rejected_more" and events[-1]["count"] == 25 - shown
     assert events[0]["source"] == f"{bad}:1"
+
+
+# --------------------------------------------------------------------------------------------
+# start-up: a command imports what it runs, not what the others do
+
+
+LOADED = """
+import json, sys
+from didomi_marketo.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+tops = ("httpx", "rich", "yaml", "click", "pygments", "didomi_marketo")
+print(json.dumps(sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in tops)))
+"""
+
+
+def _loaded(*args: object) -> set[str]:
+    run = subprocess.run([sys.executable, "-c", LOADED, *map(str, args)], capture_output=True, text=True)
+    return set(json.loads(run.stdout.splitlines()[-1]))
+
+
+def test_version_and_help_import_no_library_and_a_quiet_sync_no_rich(tmp_path):
+    for args in (["--version"], ["--help"], ["sync", "--help"], ["check", "--help"]):
+        loaded = _loaded(*args)
+        library = {"httpx", "rich", "yaml", "didomi_marketo.sync", "didomi_marketo.check"}
+        assert not loaded & library, (args, loaded)
+    data = write_ndjson(
+        tmp_path / "e.ndjson", [event("a@x.example", "2026-11-20T10:00:00Z", {"newsletter": True})]
+    )
+    quiet = _loaded("sync", data, "-c", make_config(tmp_path), "--dry-run", "-q")
+    assert "didomi_marketo.sync" in quiet and "didomi_marketo.explain" not in quiet
+    assert "didomi_marketo.reconcile" not in quiet and not any(m.split(".")[0] == "rich" for m in quiet)
+    assert "httpx" in quiet and not quiet & {
+        "httpx._main",
+        "click",
+        "pygments",
+    }  # httpx's own CLI is not loaded

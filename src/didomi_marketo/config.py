@@ -27,6 +27,7 @@ import httpx
 import orjson
 import yaml
 
+from didomi_marketo.defaults import DEFAULT_DAILY_QUOTA as DEFAULT_DAILY_QUOTA
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.mapping import FieldMapping, parse_property, parse_transforms
 from didomi_marketo.marketo.client import DEFAULT_TIMEOUT, RETRY_MIN_ATTEMPTS, RETRY_MIN_SECONDS
@@ -38,7 +39,6 @@ from didomi_marketo.marketo.limiter import RATE_WINDOW_SECONDS as RATE_WINDOW_SE
 # Defaults and bounds, declared once: the CLI's options and the library both read these (the
 # Marketo limits and the client's own from the module that enforces them).
 BATCH_SIZE = 300  # Marketo: at most 300 leads per Sync Leads call
-DEFAULT_DAILY_QUOTA = 50_000  # Marketo's default daily API quota (calls a day, reset at midnight US Central)
 
 MAX_CONFIG_BYTES = 1024 * 1024  # a Didomi integration config is a few KB
 FIFO_WAIT_SECONDS = 10.0  # a config read from a pipe (`-c <(...)`) must arrive within this

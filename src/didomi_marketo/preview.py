@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from didomi_marketo.config import Config
+from didomi_marketo.defaults import DEFAULT_SAMPLES as DEFAULT_SAMPLES
 from didomi_marketo.didomi.fold import SPILL_THRESHOLD, Stamp
 from didomi_marketo.errors import ConfigError
 from didomi_marketo.inputs import InputStats, build_fold, read_into
@@ -21,7 +22,6 @@ from didomi_marketo.mapping import FieldMapping, classify_value, describe_mappin
 from didomi_marketo.plan import Planner, PriorState, keep_newer
 from didomi_marketo.report import IGNORED
 
-DEFAULT_SAMPLES = 5
 REJECTION_EXAMPLES = 10
 
 

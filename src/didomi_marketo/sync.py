@@ -25,6 +25,7 @@ import orjson
 
 from didomi_marketo.check import BLOCKING_KINDS, schema_problems
 from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Config
+from didomi_marketo.defaults import DEFAULT_BULK_THRESHOLD as DEFAULT_BULK_THRESHOLD
 from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.deliver_bulk import BulkEngine
 from didomi_marketo.didomi.fold import SPILL_THRESHOLD, FoldSchema, Stamp, stamp_from_json
@@ -44,7 +45,6 @@ from didomi_marketo.storage import check_urls
 from didomi_marketo.summary import RunSummary, exit_code, failed_run
 
 SAMPLES = 3
-DEFAULT_BULK_THRESHOLD = 50_000
 VIA = ("auto", "rest", "bulk")
 BULK_CALLS_PER_FILE = 3  # an upload and about two polls (measured: 15 files, 15 uploads + 35 polls)
 T = TypeVar("T")

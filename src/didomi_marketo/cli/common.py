@@ -20,19 +20,23 @@ from collections.abc import Callable
 from datetime import date
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from didomi_marketo import __version__, logs
-from didomi_marketo.config import MAX_CONCURRENCY, RATE_CALLS, Config, load_config
-from didomi_marketo.didomi.readers import DateWindow
+from didomi_marketo.defaults import MAX_CONCURRENCY, RATE_CALLS
 from didomi_marketo.errors import ConfigError, DidomiMarketoError
-from didomi_marketo.render import print_summary
-from didomi_marketo.report import SHOW_ISSUES, Report
-from didomi_marketo.sync import RunResult
+
+# Start-up imports only what the command runs: the library (and rich, httpx...) is imported by
+# the commands' bodies and these helpers when they need it, never to list or parse the options.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from didomi_marketo.config import Config
+    from didomi_marketo.didomi.readers import DateWindow
+    from didomi_marketo.report import Report
+    from didomi_marketo.sync import RunResult
 
 app = typer.Typer(
     name="didomi-marketo",
@@ -45,9 +49,34 @@ app = typer.Typer(
     context_settings={"max_content_width": 100, "help_option_names": ["--help", "-h"]},
 )
 
-# emoji=False: rich would turn `file.ndjson:100:` into `file.ndjson💯` (its :100: emoji code).
-out = Console(highlight=False, emoji=False)
-err = Console(stderr=True, highlight=False, emoji=False)
+
+class _LazyConsole:
+    """A rich Console made on first use: a quiet sync never prints through one, and importing
+    rich is 30 ms of its start-up."""
+
+    def __init__(self, stderr: bool):
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            # emoji=False: rich would turn `file.ndjson:100:` into `file.ndjson💯` (its :100: emoji code).
+            self._console = Console(stderr=self._stderr, highlight=False, emoji=False)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+def real_console(console: Console) -> Console:
+    """The Console behind `out` or `err` (made now if need be), for what needs the object itself."""
+    return console.get() if isinstance(console, _LazyConsole) else console
+
+
+out = cast("Console", _LazyConsole(stderr=False))
+err = cast("Console", _LazyConsole(stderr=True))
 
 ENV = "DIDOMI_MARKETO_"  # every option cron needs can come from the environment (flag > env > file)
 
@@ -157,7 +186,7 @@ RateWindowOpt = Annotated[
 
 def _version(value: bool) -> None:
     if value:
-        out.print(f"didomi-marketo {__version__}")
+        typer.echo(f"didomi-marketo {__version__}")  # no rich console for one line
         raise typer.Exit()
 
 
@@ -213,6 +242,8 @@ def expected_errors(command: Callable[..., None]) -> Callable[..., None]:
 
 def date_window(since: str | None, until: str | None) -> DateWindow:
     """--since / --until as a DateWindow (inclusive days), or a ConfigError naming the option."""
+    from didomi_marketo.didomi.readers import DateWindow
+
     problems = []
     for flag, value in (("--since", since), ("--until", until)):
         if value is None:
@@ -242,6 +273,8 @@ def quiet_broken_pipe() -> int:
 
 
 def load_config_with(config_path: Path, upsert: bool | None = None) -> Config:
+    from didomi_marketo.config import load_config
+
     return load_config(config_path).with_upsert(upsert)
 
 
@@ -258,9 +291,11 @@ class ProgressBar:
     def __init__(self, enabled: bool):
         self.bar = None
         if enabled and err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
             self.bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=err, transient=True,
+                TimeElapsedColumn(), console=real_console(err), transient=True,
             )  # fmt: skip
             self.task = self.bar.add_task("starting", total=None)
 
@@ -286,7 +321,9 @@ def print_warning(warning: str) -> None:
 def finish(result: RunResult, quiet: bool, console: Console | None = out) -> None:
     """The summary table (on `console`: stdout; None: nowhere), the fatal error if any, the exit."""
     if not quiet and console is not None:
-        print_summary(console, result.summary.to_json(), result.samples)
+        from didomi_marketo.render import print_summary
+
+        print_summary(real_console(console), result.summary.to_json(), result.samples)
     if result.fatal:
         logs.error(result.fatal)
     raise typer.Exit(result.exit_code)
@@ -298,6 +335,8 @@ def with_delivery(cfg: Config, max_calls: int | None, per_20s: int | None, concu
 
 def make_report(directory: Path | None, verbose: bool, log: RunLog | None = None) -> Report:
     """A report whose rejected records are logged as found (the first 20, or all with -v)."""
+
+    from didomi_marketo.report import SHOW_ISSUES, Report
 
     def show(entry: dict[str, Any]) -> None:
         logs.rejected(entry["source"], entry["reason"], entry.get("key"))

@@ -24,14 +24,12 @@ from didomi_marketo.cli.common import (
     make_report,
     out,
     print_warning,
+    real_console,
     say,
     with_delivery,
 )
-from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS
+from didomi_marketo.defaults import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS
 from didomi_marketo.errors import ConfigError
-from didomi_marketo.explain import explain as run_explain
-from didomi_marketo.reconcile import ReconcileOptions, parse_since, run_reconcile
-from didomi_marketo.render import print_explanation, print_reconcile
 
 OptionalPathsArg = Annotated[
     list[str] | None,
@@ -78,6 +76,9 @@ def reconcile(
     Exit 0 no drift, 1 drift found (so cron can alert), 2 usage or config error, 3 aborted.
     With --fix the exit code is the sync's.
     """
+    from didomi_marketo.reconcile import ReconcileOptions, parse_since, run_reconcile
+    from didomi_marketo.render import print_reconcile
+
     cfg = with_delivery(load_config_with(config), max_calls, max_calls_per_20s, max_concurrency)
     options = ReconcileOptions(
         paths=list(paths or []), state=str(state) if state else cfg.state, fix=fix,
@@ -88,7 +89,7 @@ def reconcile(
     rep = make_report(report, False)
     result = run_reconcile(cfg, options, rep, credentials=credentials, on_warning=print_warning)
     if not quiet:
-        print_reconcile(out, result.summary, result.samples)
+        print_reconcile(real_console(out), result.summary, result.samples)
     if result.fatal:
         say("error", result.fatal)
     raise typer.Exit(result.exit_code)
@@ -121,6 +122,9 @@ def explain(
 
     Exit 0 when something mentions KEY, 1 when nothing does, 2 usage or config error.
     """
+    from didomi_marketo.explain import explain as run_explain
+    from didomi_marketo.render import print_explanation
+
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format {fmt!r}: expected table or json")
     cfg = load_config_with(config)
@@ -135,7 +139,7 @@ def explain(
     if fmt == "json":
         sys.stdout.write(orjson.dumps(doc).decode() + "\n")
     else:
-        print_explanation(out, doc)
+        print_explanation(real_console(out), doc)
     raise typer.Exit(0 if result.found else 1)
 
 

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
-import yaml
 
 from didomi_marketo import logs
 from didomi_marketo.cli.common import expected_errors, out
-from didomi_marketo.config import normalise_instance
 from didomi_marketo.errors import ConfigError
-from didomi_marketo.marketo.credentials import Credentials, Secret
-from didomi_marketo.marketo.schema import read_lead_fields
-from didomi_marketo.starter import consent_like, starter_config
+
+if TYPE_CHECKING:  # the command imports what it runs (see cli/common.py)
+    from didomi_marketo.marketo.credentials import Credentials
 
 
 @expected_errors
@@ -44,6 +42,9 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite --output if it exists.")] = False,
 ) -> None:
     """Write a commented starter config (YAML): edit it, then `check` and `sync --dry-run` it."""
+    from didomi_marketo.marketo.schema import read_lead_fields
+    from didomi_marketo.starter import consent_like, starter_config
+
     if output is not None and output.exists() and not force:
         raise ConfigError(f"{output} exists: add --force to overwrite it")
     console = _read_console(from_didomi) if from_didomi is not None else None
@@ -71,6 +72,8 @@ def _read_console(path: Path) -> dict[str, Any]:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
+        import yaml
+
         try:  # the same config as YAML is fine too
             value = yaml.safe_load(data)
         except yaml.YAMLError as e:
@@ -81,6 +84,9 @@ def _read_console(path: Path) -> dict[str, Any]:
 
 
 def _credentials(instance: str) -> Credentials:
+    from didomi_marketo.config import normalise_instance
+    from didomi_marketo.marketo.credentials import Credentials, Secret
+
     problems = [f"--instance: set {v} in the environment" for v in ("MARKETO_CLIENT_ID", "MARKETO_CLIENT_SECRET")
                 if not os.environ.get(v)]  # fmt: skip
     if problems:

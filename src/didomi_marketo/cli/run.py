@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -42,14 +42,16 @@ from didomi_marketo.cli.common import (
     run_log,
     with_delivery,
 )
-from didomi_marketo.config import (
+from didomi_marketo.defaults import (
+    DEFAULT_BULK_THRESHOLD,
     DEFAULT_DAILY_QUOTA,
+    MAX_LINE_BYTES,
     RATE_WINDOW_SECONDS,
 )
-from didomi_marketo.didomi.readers import MAX_LINE_BYTES
 from didomi_marketo.errors import ConfigError
-from didomi_marketo.outcomes import LeadOutcome
-from didomi_marketo.sync import DEFAULT_BULK_THRESHOLD, SyncOptions, run_retry, run_sync
+
+if TYPE_CHECKING:
+    from didomi_marketo.outcomes import LeadOutcome
 
 
 @expected_errors
@@ -123,6 +125,8 @@ def sync(
     verbose: VerboseOpt = False,
 ) -> None:
     """Read Didomi records, fold them per user, map them, and push Marketo lead updates."""
+    from didomi_marketo.sync import SyncOptions, run_sync
+
     log = run_log(log_format)
     cfg = load_config_with(config, upsert)
     cfg = with_delivery(cfg, max_calls, max_calls_per_20s, max_concurrency)
@@ -193,6 +197,8 @@ def retry(
     With --state, a lead that a newer sync already delivered is not rolled back. Without one,
     retry refuses (a newer sync may have sent newer consent) unless --force.
     """
+    from didomi_marketo.sync import SyncOptions, run_retry
+
     log = run_log(log_format)
     if not (report_dir / "undelivered.ndjson").is_file():
         raise ConfigError(f"{report_dir}: not a didomi-marketo report (no undelivered.ndjson)")

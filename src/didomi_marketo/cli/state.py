@@ -11,9 +11,7 @@ import typer
 
 from didomi_marketo import logs
 from didomi_marketo.cli.common import WaitLockOpt, expected_errors, out
-from didomi_marketo.didomi.fold import normalise_key
 from didomi_marketo.errors import ConfigError
-from didomi_marketo.state import StateStore, lead_record, reset_state
 
 state_app = typer.Typer(help="Inspect or reset the state store of incremental syncs.", no_args_is_help=True)
 StateFileArg = Annotated[
@@ -34,6 +32,9 @@ def state_show(
     key: Annotated[str | None, typer.Argument(metavar="KEY", help="A lead key (email or lead id).")] = None,
 ) -> None:
     """Counts, or one lead's last confirmed values, pending payload and skip reason."""
+    from didomi_marketo.didomi.fold import normalise_key
+    from didomi_marketo.state import StateStore, lead_record
+
     store = StateStore(state, readonly=True)
     try:
         if key is None:
@@ -55,6 +56,8 @@ def state_export(
     pending: Annotated[bool, typer.Option("--pending", help="Only leads waiting to be re-sent.")] = False,
 ) -> None:
     """Every lead in the state as NDJSON on stdout."""
+    from didomi_marketo.state import StateStore
+
     store = StateStore(state, readonly=True)
     try:
         for rec in store.export(pending_only=pending):
@@ -71,6 +74,8 @@ def state_reset(
     wait_lock: WaitLockOpt = 0.0,
 ) -> None:
     """Forget everything: the next sync re-sends every lead (like --full, for good)."""
+    from didomi_marketo.state import reset_state
+
     if not yes:
         raise ConfigError("state reset deletes the state; add --yes to confirm")
     reset_state(state, wait_lock)

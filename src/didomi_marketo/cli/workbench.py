@@ -11,19 +11,19 @@ import logging
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
-from rich.table import Table
 
 from didomi_marketo import logs
-from didomi_marketo.check import CheckReport, list_fields, resolve_credentials, run_check
 from didomi_marketo.cli.common import AllowIncompleteOpt, ConfigOpt, PathsArg, expected_errors, out
-from didomi_marketo.config import DEFAULT_DAILY_QUOTA, load_config
+from didomi_marketo.defaults import DEFAULT_DAILY_QUOTA, DEFAULT_SAMPLES
 from didomi_marketo.errors import ConfigError
-from didomi_marketo.preview import DEFAULT_SAMPLES, LeadDiff, PreviewResult, change_rows, run_preview
-from didomi_marketo.state import StateStore
+
+if TYPE_CHECKING:  # the commands import what they run (see cli/common.py)
+    from didomi_marketo.check import CheckReport
+    from didomi_marketo.preview import LeadDiff, PreviewResult
 
 
 class Format(StrEnum):
@@ -76,6 +76,10 @@ def preview(
 ) -> None:
     """Dry-run a mapping: per Marketo field, what the leads would get (and, with --compare or
     --state, what changes). Reads, folds and maps only: sends nothing, needs no credentials."""
+    from didomi_marketo.config import load_config
+    from didomi_marketo.preview import change_rows, run_preview
+    from didomi_marketo.state import StateStore
+
     new = load_config(config)
     old = load_config(compare) if compare is not None else None
     if state is not None and compare is not None:
@@ -142,6 +146,8 @@ CHANGE_MARK = {"added": "+", "removed": "-", "source changed": "~", "transform c
 
 
 def _render_preview(result: PreviewResult, config: str) -> None:
+    from rich.table import Table
+
     title = f"didomi-marketo preview of {config}"
     if result.baseline:
         title += f" against {result.baseline}"
@@ -253,6 +259,9 @@ def check(
 ) -> None:
     """Check a config: offline (validation, transforms, ids in --sample) and, online, every mapped
     field against Marketo's describe (exists, writable, type fits), the lookup field, and quota."""
+    from didomi_marketo.check import resolve_credentials, run_check
+    from didomi_marketo.config import load_config
+
     cfg = load_config(config)
     credentials, note = resolve_credentials(cfg, online)
     report = run_check(
@@ -272,6 +281,8 @@ VERDICT_STYLE = {"ok": "green", "warning": "yellow", "error": "red"}
 
 
 def _render_check(report: CheckReport) -> None:
+    from rich.table import Table
+
     where = f"online: {report.instance}, {report.schema_source}" if report.online else "offline"
     out.print(f"[bold]didomi-marketo check of {report.config}[/bold] ({where})", highlight=False)
     table = Table()
@@ -322,6 +333,11 @@ def fields(
     ] = Format.table,
 ) -> None:
     """List Marketo's lead fields a mapping can target: REST name, display name, type, writable."""
+    from rich.table import Table
+
+    from didomi_marketo.check import list_fields
+    from didomi_marketo.config import load_config
+
     cfg = load_config(config)
     rows = list_fields(cfg, cfg.credentials(), match)
     if fmt is Format.json:

@@ -27,6 +27,8 @@ from typing import IO, Any, Protocol
 
 import orjson
 
+from didomi_marketo.defaults import MAX_LINE_BYTES as MAX_LINE_BYTES
+
 GzipFile: Any
 CORRUPT_GZIP: tuple[type[Exception], ...]
 try:  # ISA-L's inflate (the `isal` wheel): the same gzip, decompressed 2-3x faster than zlib
@@ -44,8 +46,6 @@ UNREADABLE: tuple[type[Exception], ...] = (OSError, *CORRUPT_GZIP)
 GZIP_MAGIC = b"\x1f\x8b"
 PARTITION_DIR = re.compile(r"^date=\d{4}-\d{2}-\d{2}$")
 SUCCESS_MARKER = "_SUCCESS"
-# Far above any real Didomi record (a few KB), far below what would exhaust memory.
-MAX_LINE_BYTES = 16 * 1024 * 1024
 # Didomi records nest about 8 levels; past this a record is refused before anything recurses.
 MAX_DEPTH = 100
 

@@ -18,9 +18,9 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 # Marketo's documented limits per instance, shared by every integration (our defaults too).
-RATE_CALLS = 100  # calls per rate window
-RATE_WINDOW_SECONDS = 20.0
-MAX_CONCURRENCY = 10  # calls in flight
+from didomi_marketo.defaults import MAX_CONCURRENCY as MAX_CONCURRENCY
+from didomi_marketo.defaults import RATE_CALLS as RATE_CALLS
+from didomi_marketo.defaults import RATE_WINDOW_SECONDS as RATE_WINDOW_SECONDS
 
 
 class Clock(Protocol):
