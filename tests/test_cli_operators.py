@@ -274,11 +274,18 @@ def test_make_demo_with_port_8787_taken_picks_a_free_port():
     from conftest import ROOT
 
     holder = socket.socket()
-    try:
-        holder.bind(("127.0.0.1", 8787))
-        holder.listen()
-    except OSError:
-        pass  # already taken by something else: the demo must cope all the same
+    # The quick start's sandbox (the test before) may still be letting go of 8787: hold the port
+    # ourselves once it is free, so that it stays taken while the demo looks.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            holder.bind(("127.0.0.1", 8787))
+            holder.listen()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                break  # taken by something else for good: the demo must cope all the same
+            time.sleep(0.05)
     try:
         proc = subprocess.run(
             ["bash", str(ROOT / "scripts" / "demo.sh")], capture_output=True, text=True, timeout=300
