@@ -181,7 +181,6 @@ def _sync_with(cli: Any, folder: Path, work: Path, jobs: int, spill: int) -> dic
     produced, in a form that does not depend on the order of the leads."""
     import httpx
 
-    from didomi_marketo.cli import run as cli_run
     from didomi_marketo.sandbox import MarketoSandbox, SandboxConfig
     from didomi_marketo.sync import SyncOptions
 
@@ -200,7 +199,8 @@ def _sync_with(cli: Any, folder: Path, work: Path, jobs: int, spill: int) -> dic
         out: dict[str, Any] = {}
         with pytest.MonkeyPatch.context() as mp:
             # A tiny spill threshold: every fold (the parent's, each worker's) spills to SQLite.
-            mp.setattr(cli_run, "SyncOptions", functools.partial(SyncOptions, spill_threshold=spill))
+            # (`sync` imports SyncOptions from didomi_marketo.sync when it runs.)
+            mp.setattr("didomi_marketo.sync.SyncOptions", functools.partial(SyncOptions, spill_threshold=spill))
             dry = cli("sync", folder, "-c", config, "--state", state, "--recheck-skipped", "--dry-run",
                       "--jobs", jobs, "--output", work / "dry.ndjson", "--report", work / "dry", "-q")  # fmt: skip
             out["dry_exit"] = dry.exit_code
