@@ -200,7 +200,8 @@ def _sync_with(cli: Any, folder: Path, work: Path, jobs: int, spill: int) -> dic
         with pytest.MonkeyPatch.context() as mp:
             # A tiny spill threshold: every fold (the parent's, each worker's) spills to SQLite.
             # (`sync` imports SyncOptions from didomi_marketo.sync when it runs.)
-            mp.setattr("didomi_marketo.sync.SyncOptions", functools.partial(SyncOptions, spill_threshold=spill))
+            tiny = functools.partial(SyncOptions, spill_threshold=spill)
+            mp.setattr("didomi_marketo.sync.SyncOptions", tiny)
             dry = cli("sync", folder, "-c", config, "--state", state, "--recheck-skipped", "--dry-run",
                       "--jobs", jobs, "--output", work / "dry.ndjson", "--report", work / "dry", "-q")  # fmt: skip
             out["dry_exit"] = dry.exit_code
