@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -145,6 +146,26 @@ def test_sync_refuses_to_send_to_a_missing_or_read_only_field(sandbox, tmp_path,
     )  # did you mean
     assert "didomiReadOnlyFlag" in result.stderr and "nothing was sent" in result.stderr
     assert sandbox.stats()["sync_calls"] == 0
+
+
+def test_on_several_cores_a_refused_schema_sends_nothing_though_the_workers_planned(sandbox, tmp_path, cli):
+    """The workers plan while the schema check finishes; a refusal still sends nothing and the
+    state records nothing (what they planned is thrown away)."""
+    for part in range(2):
+        write_ndjson(tmp_path / "in" / f"part-{part}.ndjson",
+                     [event(f"u{part}-{i}@example.com", "2026-01-01T00:00:00Z", {"newsletter": True}) for i in range(50)])  # fmt: skip
+    config = make_config(tmp_path, sandbox, mappings=[
+        {"id": "didomiNewsletterOptIn", "value": "consents_purposes_newsletter_enabled"},
+        {"id": "didomiReadOnlyFlag", "value": "consents_purposes_newsletter_enabled"},
+    ])  # fmt: skip
+    state = tmp_path / "state.db"
+    result = cli("sync", tmp_path / "in", "-c", config, "--state", state, "--jobs", 2, "-q")
+    assert result.exit_code == 2 and "nothing was sent" in result.stderr
+    assert sandbox.stats()["sync_calls"] == 0
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        assert db.execute("SELECT COUNT(*) FROM leads").fetchone()[0] == 0
 
 
 def test_schema_is_read_once_a_day_with_a_state(sandbox, tmp_path, cli):

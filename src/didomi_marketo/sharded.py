@@ -96,7 +96,10 @@ def plan_shards(shards: Shards, planner: Planner, on_fresher: Fresher | None = N
     """`planner.plan` over the leads of `shards`, planned in the workers (`Shards.map` with the
     ShardPlanning the read was given), shard by shard as each is ready; then the state's leads
     that no shard covered, planned here. `planner` counts every shard; `on_fresher` gets the
-    workers' fresher records, `on_planned` the leads each shard planned."""
+    workers' fresher records, `on_planned` the leads each shard planned.
+
+    The workers start at once (while the schema check may still be under way, for instance),
+    not when the first update is asked for; nothing reaches `planner` or `on_fresher` before."""
     pending: list[set[str]] = [set() for _ in range(shards.count)]
     rechecks: list[set[str]] = [set() for _ in range(shards.count)]
     for key in planner.pending:
@@ -107,7 +110,12 @@ def plan_shards(shards: Shards, planner: Planner, on_fresher: Fresher | None = N
         (pending[j], rechecks[j], os.path.join(shards.scratch, f"plan-{j}.pickle"))
         for j in range(shards.count)
     ]
-    for done in shards.map(_plan_shard, args):
+    return _planned(shards.map(_plan_shard, args), planner, on_fresher, on_planned)
+
+
+def _planned(results: Iterator[_Planned], planner: Planner, on_fresher: Fresher | None,
+             on_planned: Callable[[int], None] | None) -> Iterator[LeadUpdate]:  # fmt: skip
+    for done in results:
         planner.stats.add(done.stats)
         planner.pending -= done.seen_pending
         planner.rechecks -= done.seen_rechecks

@@ -28,7 +28,7 @@ from didomi_marketo.config import DEFAULT_DAILY_QUOTA, RATE_WINDOW_SECONDS, Conf
 from didomi_marketo.defaults import DEFAULT_BULK_THRESHOLD as DEFAULT_BULK_THRESHOLD
 from didomi_marketo.deliver import DeliveryStats, Engine
 from didomi_marketo.deliver_bulk import BulkEngine
-from didomi_marketo.didomi.fold import SPILL_THRESHOLD, FoldSchema, Stamp, stamp_from_json
+from didomi_marketo.didomi.fold import SPILL_THRESHOLD, Fold, FoldSchema, Stamp, stamp_from_json
 from didomi_marketo.didomi.readers import ALL_DATES, MAX_LINE_BYTES, DateWindow, InputFile
 from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
 from didomi_marketo.inputs import InputFilter, InputStats, Shards, build_fold, default_jobs, read_sharded
@@ -177,10 +177,16 @@ def run_sync(
                                       check=preflight.check if preflight else None,
                                       max_line_bytes=options.max_line_bytes, context=planning)  # fmt: skip
             fold_ended = time.monotonic()
+            # On several cores the workers start planning now, while the schema check may still
+            # be under way: nothing they plan is used (or reaches the state) before it passed.
+            # Not when a killed run left bulk jobs: what they confirm must not be planned again.
+            resuming = store is not None and credentials is not None and bool(store.open_bulk_jobs())
+            early = _planning(options, store, fold, shards, planning, on_progress) if not resuming else None
             if preflight is not None:
                 preflight.finish(store)
                 marks.update(preflight.marks)  # raises what it found (bad credentials, missing fields)
-                if store is not None and credentials is not None and store.open_bulk_jobs():
+                if resuming:
+                    assert store is not None and credentials is not None
                     # Before planning: what those jobs confirm is not planned (or sent) again.
                     resumed = asyncio.run(
                         _resume(config, credentials, options, report, store, sinks, clock, preflight.calls)
@@ -191,25 +197,11 @@ def run_sync(
                 input_stats.files_unchanged = inputs.unchanged
             if fold.stats.user_deletions:
                 warn(deletions_warning(fold.stats.user_deletions, config.deletions))
-            # For the quota estimate and the progress bar.
-            folded = shards.size_hint() if shards is not None else fold.size_hint()
-            fresher = _KnownWriter(store) if store is not None and not options.dry_run else None
-            # --full sends every lead, but still never an older consent than the state knows.
-            planner = planning.planner(
-                store, recheck_skipped=options.recheck_skipped,
-                on_fresher=fresher.add if fresher is not None else None,
-            )  # fmt: skip
+            folded, fresher, planner, updates = early or _planning(
+                options, store, fold, shards, planning, on_progress
+            )
             output = _open_output(options.output)
             try:
-                show_plan = on_progress if options.dry_run else None  # a sync shows delivery instead
-                if shards is not None:
-                    planned = _planned_progress(show_plan, folded) if show_plan is not None else None
-                    updates = plan_shards(shards, planner, fresher.add if fresher else None, planned)
-                else:
-                    leads = fold.leads()
-                    if show_plan is not None:
-                        leads = _planning_progress(leads, show_plan, folded)
-                    updates = planner.plan(leads)
                 tee = _Tee(updates, output)
                 delivery = send_updates(config, credentials, options, tee, report, store, sinks, clock,
                                         on_progress, folded, warn, resumed=resumed,
@@ -276,6 +268,35 @@ def since_start(marks: dict[str, float]) -> dict[str, float] | None:
     if started is None:
         return None
     return {name: round(t - started, 3) for name, t in sorted(marks.items(), key=lambda kv: kv[1])}
+
+
+def _planning(options: SyncOptions, store: StateStore | None, fold: Fold, shards: Shards | None,
+              planning: ShardPlanning, on_progress: Progress | None,
+              ) -> tuple[int, _KnownWriter | None, Planner, Iterator[LeadUpdate]]:  # fmt: skip
+    """(leads folded, the state's writer of fresher stamps, the run's Planner, its updates): on
+    several cores the workers plan from this call on; on one, the updates are planned as read."""
+    # For the quota estimate and the progress bar.
+    folded = shards.size_hint() if shards is not None else fold.size_hint()
+    fresher = _KnownWriter(store) if store is not None and not options.dry_run else None
+    # --full sends every lead, but still never an older consent than the state knows.
+    planner = planning.planner(
+        store,
+        recheck_skipped=options.recheck_skipped,
+        on_fresher=fresher.add if fresher is not None else None,
+    )
+    show_plan = on_progress if options.dry_run else None  # a sync shows delivery instead
+    if shards is not None:
+        planned = _planned_progress(show_plan, folded) if show_plan is not None else None
+        return (
+            folded,
+            fresher,
+            planner,
+            plan_shards(shards, planner, fresher.add if fresher else None, planned),
+        )
+    leads = fold.leads()
+    if show_plan is not None:
+        leads = _planning_progress(leads, show_plan, folded)
+    return folded, fresher, planner, planner.plan(leads)
 
 
 class _KnownWriter:
