@@ -257,11 +257,11 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc (Linux)")
-def test_a_parent_killed_while_reading_takes_its_workers_along_quietly(tmp_path):
+def _reading_with_two_workers(tmp_path: Path) -> subprocess.Popen:
+    """A dry run with --jobs 2 whose two workers are both reading (files big enough for it)."""
     folder = tmp_path / "in"
     folder.mkdir()
-    for n in range(3):  # enough that each worker is still reading when the parent is killed
+    for n in range(3):
         lines = (json.dumps(event(f"u{n}-{i}@example.com", "2026-11-01T00:00:00Z", {"newsletter": True}))
                  for i in range(60_000))  # fmt: skip
         (folder / f"part-{n}.ndjson").write_text("\n".join(lines) + "\n")
@@ -271,11 +271,22 @@ def test_a_parent_killed_while_reading_takes_its_workers_along_quietly(tmp_path)
          "--report", str(tmp_path / "r"), "-q"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    while len(_children(proc.pid)) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before its workers started: {proc.stderr.read()}")  # type: ignore[union-attr]
+        subprocess.run(["sleep", "0.01"], check=True)
+    return proc
+
+
+LINUX_PROC = pytest.mark.skipif(
+    not Path("/proc/self/task").exists(), reason="reads the process tree from /proc"
+)
+
+
+@LINUX_PROC
+def test_a_parent_killed_while_reading_takes_its_workers_along_quietly(tmp_path):
+    proc = _reading_with_two_workers(tmp_path)
     try:
-        while len(_children(proc.pid)) < 2:  # the two workers are reading
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended before its workers started: {proc.stderr.read()}")  # type: ignore[union-attr]
-            subprocess.run(["sleep", "0.01"], check=True)
         os.kill(proc.pid, signal.SIGKILL)  # no chance to stop them itself
         # stderr closes once every process holding it is gone: the workers too.
         _, stderr = proc.communicate(timeout=120)  # a hang guard only
@@ -283,3 +294,19 @@ def test_a_parent_killed_while_reading_takes_its_workers_along_quietly(tmp_path)
         if proc.poll() is None:
             proc.kill()
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+@LINUX_PROC
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_reading_stops_the_run_with_its_summary(tmp_path, sig):
+    proc = _reading_with_two_workers(tmp_path)
+    try:
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)  # a hang guard only
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, stderr
+    assert "interrupted" in stderr and "nothing was sent" in stderr and "Traceback" not in stderr, stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["exit_code"] == 3 and "interrupted" in summary["error"]

@@ -34,6 +34,7 @@ from didomi_marketo.didomi.readers import (
     sniff_json,
 )
 from didomi_marketo.didomi.records import Observation, export_line, observations
+from didomi_marketo.errors import FatalError
 from didomi_marketo.mapping import FieldMapping
 from didomi_marketo.outcomes import payload_hash
 from didomi_marketo.state import StateStore, input_unit
@@ -115,18 +116,24 @@ def _read(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStat
     local = all(f.source is None and not f.is_stream for f in files)
     if jobs > 1 and len(files) > 1 and local:
         jobs = min(jobs, len(files))
-        shards = Shards(fold, jobs, shard_count(files, jobs) if sharded else 1, max_line_bytes, context)
+        shards: Shards | None = None
         try:
+            with signals_held():
+                shards = Shards(
+                    fold, jobs, shard_count(files, jobs) if sharded else 1, max_line_bytes, context
+                )
             _read_parallel(fold, items, stats, unchanged, shards, not sharded, on_start, check)
         except BaseException:
-            shards.close()
+            if shards is not None:
+                shards.close()
             raise
         if sharded:
             return shards
         shards.close()
         return None
     if on_start is not None:
-        on_start(files)
+        with signals_held():
+            on_start(files)
     for item in items:
         if check is not None:
             check()
@@ -137,6 +144,63 @@ def _read(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStat
             if not read and unchanged is not None:
                 unchanged.forget(item)  # not read: the next run must try it again
     return None
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Stops:
+    """The state of `stopped_by_signals` (signal handlers run in the main thread, one at a time)."""
+
+    previous: dict[signal.Signals, Any] = {}
+    held = 0  # inside signals_held: a stop waits for its end
+    pending: int | None = None
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """Ctrl-C or SIGTERM while the input is read (nothing is sent yet) stops the run as a failure
+    does: a FatalError, so the workers are stopped, summary.json says why, exit 3. A second
+    signal acts as it did before (at once)."""
+    try:
+        for sig in _STOPS:
+            _Stops.previous[sig] = signal.signal(sig, _stop)
+    except ValueError:  # not the main thread (an embedding program): its signals stay its own
+        yield
+        return
+    try:
+        yield
+    finally:
+        _restore_signals()
+        _Stops.pending = None
+
+
+def _stop(signum: int, frame: Any = None) -> None:
+    _restore_signals()
+    if _Stops.held:
+        _Stops.pending = signum
+        return
+    raise FatalError(f"interrupted ({signal.Signals(signum).name}) while reading the input: nothing was sent")
+
+
+def _restore_signals() -> None:
+    while _Stops.previous:
+        sig, handler = _Stops.previous.popitem()
+        signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """A stop waits while processes and threads start, and comes right after: an exception raised
+    by a signal handler in the middle of Thread.start breaks threading's bookkeeping."""
+    _Stops.held += 1
+    try:
+        yield
+    finally:
+        _Stops.held -= 1
+    if not _Stops.held and _Stops.pending is not None:
+        signum, _Stops.pending = _Stops.pending, None
+        _stop(signum)
 
 
 def _skipped(stats: InputStats, name: str) -> None:
@@ -258,6 +322,9 @@ def _start_worker(setup: _Worker) -> None:
     global _worker
     # Ctrl-C reaches the whole process group: the parent stops the workers, they need not trace.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (the pool stopping them, their parent dying) ends them quietly, whatever handler
+    # the parent had when it forked them.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent(setup.parent)
     # What the parent had before the fork is never garbage here: the GC leaves it alone instead
     # of touching (and so copying) the shared pages at each full collection.
@@ -408,7 +475,8 @@ def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompleteParti
     `fold` when `absorb`); at most jobs + 1 files ahead of the replay (results wait on disk)."""
     pool, jobs = shards.pool, shards.jobs
     if on_start is not None:
-        on_start([i for i in items if isinstance(i, InputFile)])
+        with signals_held():
+            on_start([i for i in items if isinstance(i, InputFile)])
     pending: deque[tuple[int, Any]] = deque()  # (index in items, AsyncResult | None)
     submitted = 0
     for index, item in enumerate(items):

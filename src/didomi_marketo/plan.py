@@ -98,12 +98,6 @@ class PlanStats:
         for name, counter in other.fields.items():
             self.fields.setdefault(name, Counter()).update(counter)
 
-    def count_field(self, name: str, bucket: str) -> None:
-        counter = self.fields.get(name)
-        if counter is None:
-            counter = self.fields[name] = Counter()
-        counter[bucket] += 1
-
 
 class Planner:
     """Turns fold states into LeadUpdates under one config's mappings."""
@@ -279,10 +273,13 @@ class Planner:
 
     def _update(self, key: str, payload: dict[str, Any], source: str, stamps: dict[str, Stamp]) -> LeadUpdate:
         stats = self.stats
-        lookup = self.lookup_field
-        for name, value in payload.items():
+        counters, lookup = stats.fields, self.lookup_field
+        for name, value in payload.items():  # every field of every lead sent: kept lean
             if name != lookup:
-                stats.count_field(name, classify_value(value))
+                counter = counters.get(name)
+                if counter is None:  # a retried payload's field the mappings no longer have
+                    counter = counters[name] = Counter()
+                counter[classify_value(value)] += 1
         stats.to_send += 1
         return LeadUpdate(key, payload, source, stamps)
 

@@ -31,7 +31,15 @@ from didomi_marketo.deliver_bulk import BulkEngine
 from didomi_marketo.didomi.fold import SPILL_THRESHOLD, Fold, FoldSchema, Stamp, stamp_from_json
 from didomi_marketo.didomi.readers import ALL_DATES, MAX_LINE_BYTES, DateWindow, InputFile
 from didomi_marketo.errors import ConfigError, DidomiMarketoError, FatalError
-from didomi_marketo.inputs import InputFilter, InputStats, Shards, build_fold, default_jobs, read_sharded
+from didomi_marketo.inputs import (
+    InputFilter,
+    InputStats,
+    Shards,
+    build_fold,
+    default_jobs,
+    read_sharded,
+    stopped_by_signals,
+)
 from didomi_marketo.marketo.client import CallFailed, GaveUp, MarketoClient, RetryPolicy, Token
 from didomi_marketo.marketo.credentials import Credentials
 from didomi_marketo.marketo.limiter import Clock
@@ -170,7 +178,7 @@ def run_sync(
                 updates=not options.dry_run or options.output is not None, samples=SAMPLES,
             )  # fmt: skip
             read_started = marks["read_started"] = time.monotonic()
-            with _reading_progress(on_progress, input_stats):
+            with _reading_progress(on_progress, input_stats), stopped_by_signals():
                 shards = read_sharded(fold, options.paths, options.allow_incomplete, input_stats, inputs,
                                       options.window, jobs=options.jobs or default_jobs(),
                                       on_start=preflight.start if preflight else None,
