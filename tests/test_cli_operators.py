@@ -110,6 +110,24 @@ def test_closed_pipes_exit_quietly_with_0(sandbox, tmp_path):
         assert len(proc.stdout.splitlines()) == 1
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_an_unwritable_stdout_is_an_error_never_exit_0(sandbox, tmp_path):
+    """A full disk under `state export > file` must not pass as success: what was printed but
+    still buffered at the exit is lost, so the exit code says so (one line, no traceback). A
+    small export: all of it is still in the buffer when the command returns."""
+    data = many_leads(tmp_path, 5)
+    config = make_config(tmp_path, sandbox, upsert_mode=True)
+    state = tmp_path / "state.db"
+    assert run_subprocess("sync", data, "-c", config, "--state", state, "-q", env=ENV).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as in a shell
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "didomi_marketo", "state", "export", "--state", str(state)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 3
+    assert "could not write to standard output: No space left on device" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_output_dash_is_stdout_and_the_table_moves_to_stderr(tmp_path, cli):
     data = many_leads(tmp_path, 5)
     config = make_config(tmp_path)

@@ -126,6 +126,23 @@ def test_cli_payloads_are_the_same_with_one_job_or_several(tmp_path, cli):
     assert sorted(out[1].splitlines()) == sorted(out[2].splitlines()) and len(out[1].splitlines()) == 40
 
 
+@pytest.mark.parametrize("folder_name", ["we#ird", "why?", "100%41"])
+def test_a_state_path_with_uri_characters_works_on_every_core(tmp_path, sandbox, cli, folder_name):
+    """Workers open the state read-only through a SQLite URI: `#`, `?` and `%` in its path must
+    stay part of the path (unescaped, `#` cut it short and opened another, empty file)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write(folder, [[event(f"u{i}@example.com", "2026-11-01T00:00:00Z", {"newsletter": True}) for i in range(part, 10, 2)]
+                   for part in range(2)])  # fmt: skip
+    config = make_config(tmp_path, sandbox, upsert_mode=True, mappings=MAPPINGS)
+    state = tmp_path / folder_name / "state.db"
+    state.parent.mkdir()
+    res = cli("sync", folder, "-c", config, "--state", state, "--jobs", 2, "--report", tmp_path / "r", "-q")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["delivery"]["created"] == 10
+    assert sorted(p.name for p in state.parent.iterdir() if not p.name.startswith("state.db")) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Planning on every core (sync, `--jobs` > 1): the workers that read also plan, each a key shard
 # of the leads, against the state; the parent plans the state's pending and rechecked leads the

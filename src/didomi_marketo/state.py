@@ -124,7 +124,8 @@ class StateStore:
             raise FatalError(f"{self.path}: no such state file")
         try:
             if readonly:  # inspect or plan without creating, migrating or locking anything
-                uri = f"file:{self.path.resolve()}?mode=ro"
+                # as_uri escapes what a URI would read as its own (`#`, `?`, `%`) in the path.
+                uri = self.path.resolve().as_uri() + "?mode=ro"
                 self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
                 self.db.execute("SELECT 1 FROM leads LIMIT 1")
             else:

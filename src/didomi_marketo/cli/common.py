@@ -427,10 +427,25 @@ def main(args: list[str] | None = None) -> None:
         else:
             e.show()  # type: ignore[attr-defined]  # click's usage line, the error, the --help hint
             code = usage
-    code = code if isinstance(code, int) else 0
+    code = _flush_stdout(code if isinstance(code, int) else 0, argv)
     if args is None:  # the program itself (not a test calling main): no teardown to wait for
         exit_now(code)
     sys.exit(code)
+
+
+def _flush_stdout(code: int, argv: list[str]) -> int:
+    """What a command printed must reach its file before the exit code says so: an unwritable
+    stdout (a full disk: `state export > file`) is exit 3 with one line, never a quiet 0; a
+    closed pipe (`| head`) stays a quiet 0."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return quiet_broken_pipe() if code == 0 else code
+    except (OSError, ValueError) as e:
+        logs.setup(_log_format_in(argv))
+        logs.error(f"could not write to standard output: {getattr(e, 'strerror', None) or e}")
+        return code or 3
+    return code
 
 
 def exit_now(code: int) -> NoReturn:
