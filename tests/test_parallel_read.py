@@ -327,3 +327,20 @@ def test_a_signal_while_reading_stops_the_run_with_its_summary(tmp_path, sig):
     assert "interrupted" in stderr and "nothing was sent" in stderr and "Traceback" not in stderr, stderr
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["exit_code"] == 3 and "interrupted" in summary["error"]
+
+
+@LINUX_PROC
+def test_a_worker_killed_while_reading_fails_the_run_instead_of_hanging_it(tmp_path):
+    """A worker that dies (the OOM killer, an operator's kill -9) must not leave the run waiting
+    forever for its file: exit 3, summary.json says why, nothing recorded as synced."""
+    proc = _reading_with_two_workers(tmp_path)
+    try:
+        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)  # the hang this test is about
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, stderr
+    assert "worker process died" in stderr and "Traceback" not in stderr, stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["exit_code"] == 3 and "worker process died" in summary["error"]

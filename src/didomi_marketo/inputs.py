@@ -16,6 +16,8 @@ import tempfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -440,7 +442,16 @@ class Shards:
         setup = _Worker(fold, self._scratch.name, max_line_bytes, shards, context, os.getpid())
         try:
             # fork: the workers start in milliseconds with everything imported (spawn re-imports).
-            self.pool = multiprocessing.get_context("fork").Pool(jobs, _start_worker, (setup,))
+            # An executor, not a multiprocessing.Pool: a worker that dies (killed, out of memory)
+            # fails its work with BrokenProcessPool, where a Pool would quietly replace it and
+            # leave the run waiting for its result forever.
+            self.pool = ProcessPoolExecutor(
+                jobs, multiprocessing.get_context("fork"), _start_worker, (setup,)
+            )
+            self.pool.submit(os.getpid).result()  # every worker forked now, before any thread starts
+        except BrokenProcessPool as e:
+            self._scratch.cleanup()
+            raise _worker_died() from e
         except BaseException:
             self._scratch.cleanup()
             raise
@@ -459,12 +470,30 @@ class Shards:
             (j, [(r.leads, r.offsets[j]) for r in self.files if r.offsets[j]], work, args[j])
             for j in range(self.count)
         ]
-        return self.pool.imap(_plan_shard, jobs)
+        return _unbroken(self.pool.map(_plan_shard, jobs))
 
     def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
+        # Stop the workers at once (a stopped run does not wait for a file to be folded for nobody).
+        for process in list((getattr(self.pool, "_processes", None) or {}).values()):  # no public way
+            with contextlib.suppress(OSError):
+                process.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
         self._scratch.cleanup()
+
+
+def _worker_died() -> FatalError:
+    return FatalError(
+        "a worker process died while reading or planning (killed, or out of memory); nothing of this "
+        "run is recorded as synced: run it again (--jobs 1 works in one process)"
+    )
+
+
+def _unbroken(results: Iterator[T]) -> Iterator[T]:
+    """`results`, with a dead worker as FatalError (exit 3, the run's summary) instead of a hang."""
+    try:
+        yield from results
+    except BrokenProcessPool as e:
+        raise _worker_died() from e
 
 
 def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompletePartition | Skipped], stats: InputStats,
@@ -477,11 +506,11 @@ def _read_parallel(fold: Fold, items: list[InputFile | Problem | IncompleteParti
     if on_start is not None:
         with signals_held():
             on_start([i for i in items if isinstance(i, InputFile)])
-    pending: deque[tuple[int, Any]] = deque()  # (index in items, AsyncResult | None)
+    pending: deque[tuple[int, Any]] = deque()  # (index in items, Future | None)
     submitted = 0
     for index, item in enumerate(items):
         if isinstance(item, InputFile) and _wanted(item, stats, unchanged):
-            pending.append((index, pool.apply_async(_fold_one_file, (index, item))))
+            pending.append((index, pool.submit(_fold_one_file, index, item)))
             submitted += 1
         else:
             pending.append((index, None))
@@ -505,7 +534,10 @@ def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartitio
         if not isinstance(item, InputFile):
             _reject_item(fold, item, stats)
         return 0
-    done: _FileResult = result.get()
+    try:
+        done: _FileResult = result.result()
+    except BrokenProcessPool as e:
+        raise _worker_died() from e
     for issue in done.issues:
         fold.on_issue(*issue)
     _add_counts(fold.stats, done.fold)
