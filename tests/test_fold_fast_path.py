@@ -14,9 +14,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from didomi_marketo.didomi.fold import Fold, FoldSchema
+from didomi_marketo.didomi.fold import Fold, FoldSchema, _by_id, value_at
 from didomi_marketo.didomi.records import Observation, export_line, observations
-from didomi_marketo.mapping import FieldMapping, parse_property
+from didomi_marketo.mapping import FieldMapping, Malformed, parse_property
 
 PROPERTIES = [
     "consents_purposes_newsletter_enabled",
@@ -138,3 +138,32 @@ def test_the_fused_loop_folds_exactly_what_the_policy_folds(lines, identifier, r
     assert dict(fast.leads()) == dict(slow.leads())
     assert fast.stats == slow.stats
     assert fast_issues == slow_issues
+
+
+@settings(max_examples=300, deadline=None)
+@given(purposes=st.composite(lambda draw: _purposes(draw))())
+def test_the_inline_readers_read_what_property_extract_reads(purposes):
+    """_apply reads a purpose's `enabled` and `values` inline: the same value, or the same
+    malformed-flag rejection, as the property's own `extract`."""
+    consents = {"purposes": purposes}
+    user = {
+        "organization_user_id": "a@example.com",
+        "updated_at": "2026-10-01T00:00:00Z",
+        "consents": consents,
+    }
+    fold, issues = _fold("email", frozenset({"gdpr"}))
+    fold.add_export_line(user, [], 1, "in.ndjson")
+    by_id = _by_id(purposes) if isinstance(purposes, list) else None
+    expected: dict[str, Any] = {}
+    try:
+        for prop in fold.schema.properties:
+            expected[prop.name] = prop.extract(by_id, consents, user)
+    except Malformed:
+        assert [i[0] for i in issues] == ["rejected"] and len(fold) == 0
+        return
+    state = dict(fold.leads()).get("a@example.com")
+    got = {
+        p.name: (value_at(state, fold.schema.slots[p.name]) if state else None)
+        for p in fold.schema.properties
+    }
+    assert got == expected

@@ -505,36 +505,28 @@ class Fold:
             saved = state[:]  # a C-level copy: cheaper than extracting every value first
             try:
                 for slot, purpose, preference, extract in self._readers:
-                    if extract is ENABLED:  # Property.extract for a purpose's `enabled`, inline
+                    if extract is ENABLED or extract is VALUES:  # Property.extract, inline
                         if not purposes:
                             continue
                         p = purposes.get(purpose)
                         if p is None:
                             continue
-                        value = p.get("enabled")
-                        if value is None:
-                            continue
-                        if value is not True and value is not False:
-                            raise Malformed(f"consents.purposes[{purpose}].enabled", value)
-                    elif extract is VALUES:  # and for a purpose's `values` entry
-                        if not purposes:
-                            continue
-                        p = purposes.get(purpose)
-                        if p is None:
-                            continue
-                        entries = p.get("values")
-                        if type(entries) is not dict or preference not in entries:
-                            if isinstance(entries, dict) and preference in entries:  # a dict subclass
-                                value = value_ids(entries[preference])
-                            else:
+                        if extract is ENABLED:  # a purpose's `enabled`
+                            value = p.get("enabled")
+                            if value is None:
                                 continue
-                        else:
+                            if value is not True and value is not False:
+                                raise Malformed(f"consents.purposes[{purpose}].enabled", value)
+                        else:  # a purpose's `values` entry
+                            entries = p.get("values")
+                            if not isinstance(entries, dict) or preference not in entries:
+                                continue
                             entry = entries[preference]
                             value = entry.get("value") if type(entry) is dict else None
                             if type(value) is not str:
                                 value = value_ids(entry)
-                        if value is None:
-                            continue
+                                if value is None:
+                                    continue
                     else:
                         value = extract(purposes, consents, user)
                         if value is None:
