@@ -150,8 +150,9 @@ class _SeenFold(Fold):
 
     def add_export_line(self, user: dict, events: list, line: int, path: str) -> None:
         # Not the fused short way: every record goes through `observe`, which notes its ids.
-        emit_export_line(user, events, line, partial(self.observe, path),
-                         lambda u: self.reject(u.category, path, u.line, u.reason, u.key))  # fmt: skip
+        emit_export_line(
+            user, events, line, partial(self.observe, path), partial(self.reject_unusable, path=path)
+        )
 
 
 def _dicts(items: Any) -> Iterator[dict]:

@@ -258,7 +258,7 @@ def _read_file(fold: Fold, item: InputFile, stats: InputStats, max_line_bytes: i
             if isinstance(ob, Observation):
                 add(ob, path)
             else:
-                reject(ob.category, path, ob.line, ob.reason, ob.key)
+                fold.reject_unusable(ob, path)
     return read
 
 

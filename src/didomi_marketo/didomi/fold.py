@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from didomi_marketo.didomi.records import Observation, event_fields, type_name, user_fields
+from didomi_marketo.didomi.records import Observation, Unusable, event_fields, not_an_event, user_fields
 from didomi_marketo.mapping import FieldMapping, Malformed, Property, value_ids
 
 SRC_PATH, SRC_LINE, LATEST = 0, 1, 2
@@ -438,7 +438,7 @@ class Fold:
             elif isinstance(event, dict):
                 self.observe(path, *event_fields(event, line, user))
             else:
-                self.reject("rejected", path, line, f"events[] item is {type_name(event)}, not an event")
+                self.reject_unusable(not_an_event(event, line), path)
 
     def _not_applied(self, reg: Any) -> Any:
         """The first regulation of `reg` (one, or a tuple of the record's and its envelope's)
@@ -556,6 +556,10 @@ class Fold:
         else:
             self.stats.rejected += 1
         self.on_issue(category, path, line, reason, key)
+
+    def reject_unusable(self, record: Unusable, path: str) -> None:
+        """`reject` a record that `records` recognised as unusable, read from `path`."""
+        self.reject(record.category, path, record.line, record.reason, record.key)
 
     def absorb(self, key: str, state: list[Any]) -> None:
         """Fold in a lead's state that another Fold built from input that comes AFTER all input

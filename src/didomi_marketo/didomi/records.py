@@ -119,7 +119,7 @@ def _walk(value: Any, cursor: _FixedLine | _LineCursor) -> Iterator[Observation 
             yield from _walk(item, cursor)
         return
     if not isinstance(value, dict):
-        yield Unusable("rejected", f"expected a JSON object, got {type_name(value)}", _cursor_line(cursor))
+        yield Unusable("rejected", f"expected a JSON object, got {_type_name(value)}", _cursor_line(cursor))
         return
     data = value.get("data")
     if isinstance(data, list) and "consents" not in value and "type" not in value:
@@ -227,7 +227,12 @@ def emit_export_line(
         if isinstance(event, dict):
             emit(*event_fields(event, line, owner=user))
         else:
-            unusable(Unusable("rejected", f"events[] item is {type_name(event)}, not an event", line))
+            unusable(not_an_event(event, line))
+
+
+def not_an_event(item: Any, line: int) -> Unusable:
+    """An `events[]` item of an export line that is not an object."""
+    return Unusable("rejected", f"events[] item is {_type_name(item)}, not an event", line)
 
 
 def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
@@ -279,7 +284,7 @@ def _webhook(envelope: dict, line: int) -> Iterator[Observation | Unusable]:
         yield Unusable("rejected", f"webhook {kind}: parameters.{slot}.consents is not an object", line)
 
 
-def type_name(value: Any) -> str:
+def _type_name(value: Any) -> str:
     return {str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
         type(value), "null" if value is None else type(value).__name__
     )
