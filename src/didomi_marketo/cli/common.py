@@ -298,6 +298,7 @@ class ProgressBar:
                 TimeElapsedColumn(), console=real_console(err), transient=True,
             )  # fmt: skip
             self.task = self.bar.add_task("starting", total=None)
+        self.phase = "starting"
 
     def __enter__(self) -> ProgressBar:
         if self.bar is not None:
@@ -310,7 +311,11 @@ class ProgressBar:
 
     def update(self, phase: str, done: int, total: int | None) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, total=total, description=PHASES.get(phase, phase))
+            # A new phase is drawn at once: a phase shorter than the bar's refresh tick would
+            # otherwise never be shown, and the operator would not know what the run went through.
+            new_phase, self.phase = phase != self.phase, phase
+            self.bar.update(self.task, completed=done, total=total, description=PHASES.get(phase, phase),
+                            refresh=new_phase)  # fmt: skip
 
 
 def print_warning(warning: str) -> None:
