@@ -6,10 +6,11 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from conftest import event, make_config, write_ndjson
+from conftest import MAPPINGS, event, make_config, write_ndjson
 
 from didomi_marketo.config import load_config
 from didomi_marketo.marketo.limiter import Limiter, RealClock
@@ -316,3 +317,69 @@ def test_a_fold_spilled_to_disk_is_delivered_with_a_state(sandbox_factory, tmp_p
     assert sorted(sb.stats()["sync_batch_sizes"]) == [100, 300, 300]
     again = run_sync(config, options, Report(None), credentials=config.credentials(), clock=FastClock())
     assert again.summary.delivery is not None and again.summary.delivery.sent == 0
+
+
+def test_a_worker_sends_its_next_batch_while_its_last_outcomes_are_being_written(sandbox_factory, tmp_path):
+    """One worker, three batches: the first batch's write waits until Marketo has seen the second
+    call. Were the worker to wait for its write before sending again, that never happens."""
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, 6)))
+    events_file(tmp_path, 6)
+    config = load_config(make_config(tmp_path, sb, delivery={"batch_size": 2, "max_concurrency": 1}))
+
+    class SlowFirstWrite:
+        def __init__(self) -> None:
+            self.calls_seen_by_first_write: int | None = None
+            self.written: list[str] = []
+
+        def batch_done(self, outcomes) -> None:
+            if self.calls_seen_by_first_write is None:
+                deadline = time.monotonic() + 10
+                while sb.stats()["sync_calls"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                self.calls_seen_by_first_write = sb.stats()["sync_calls"]
+            self.written += [o.key for o in outcomes]
+
+    sink = SlowFirstWrite()
+    result = run_sync(config, SyncOptions(paths=[str(tmp_path / "events.ndjson")]), Report(None),
+                      credentials=config.credentials(), sinks=[sink])  # fmt: skip
+    assert result.exit_code == 0
+    assert sink.calls_seen_by_first_write is not None and sink.calls_seen_by_first_write >= 2
+    assert sorted(sink.written) == sorted(f"u{i}@example.com" for i in range(6))  # each lead once
+    assert result.summary.to_json()["delivery"]["updated"] == 6
+    assert_all_right(sb, 6)
+
+
+def known_stamps(state: Path) -> dict[str, Any]:
+    from didomi_marketo.state import StateStore
+
+    store = StateStore(state)
+    try:
+        return {lead.key: lead.known() for lead in store.leads()}
+    finally:
+        store.close()
+
+
+def test_a_run_refused_by_the_schema_check_leaves_the_state_as_it_was(sandbox_factory, tmp_path, cli):
+    """The first batches are planned while the token call is under way (slowed here to a second);
+    planning 2,500 leads that re-state what Marketo already has yields "known" stamps, and they
+    must not reach the state when the checks then refuse the run."""
+    from didomi_marketo.sandbox import TOKEN_PATH
+
+    n = 2500
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, n)))
+    env = {"MARKETO_CLIENT_ID": "sandbox-client", "MARKETO_CLIENT_SECRET": "sandbox-secret"}
+    state = tmp_path / "state.db"
+    events_file(tmp_path, n)
+    config = make_config(tmp_path, sb)
+    assert cli("sync", tmp_path / "events.ndjson", "-c", config, "--state", state, "-q", env=env).exit_code == 0
+    before = known_stamps(state)
+    # The same consents, a day later, now also mapped to a field Marketo does not have.
+    write_ndjson(tmp_path / "events.ndjson", [
+        event(f"u{i}@example.com", "2026-11-02T00:00:00Z", {"newsletter": True, "product_analytics": i % 2 == 0})
+        for i in range(n)])  # fmt: skip
+    mappings = [*MAPPINGS, {"id": "noSuchField", "value": "consents_purposes_marketing_enabled"}]
+    config = make_config(tmp_path, sb, mappings=mappings)
+    sb.inject("slow:1", path=TOKEN_PATH)
+    res = cli("sync", tmp_path / "events.ndjson", "-c", config, "--state", state, "-q", env=env)
+    assert res.exit_code == 2 and "noSuchField" in res.stderr
+    assert known_stamps(state) == before
