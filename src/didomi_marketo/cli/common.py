@@ -44,7 +44,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     # Plain click help: reads well at 80 columns and in a pager, and shows flags as flags (typer
-    # 0.29's rich panels print `--dry-run <bool>` and squeeze the help into a narrow column).
+    # rich panels print `--dry-run <bool>` and squeeze the help into a narrow column).
     rich_markup_mode=None,
     context_settings={"max_content_width": 100, "help_option_names": ["--help", "-h"]},
 )
@@ -474,6 +474,6 @@ def exit_now(code: int) -> NoReturn:
 
 def _usage_error(e: Exception) -> int | None:
     """The exit code of a click usage error (bad option, missing argument...), else None."""
-    from typer._click.exceptions import ClickException  # typer 0.29 vendors click
+    from typer._click.exceptions import ClickException  # typer 0.27+ vendors click
 
     return e.exit_code if isinstance(e, ClickException) else None
