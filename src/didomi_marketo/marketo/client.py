@@ -40,12 +40,13 @@ from didomi_marketo.marketo.codes import (
     request_action,
 )
 from didomi_marketo.marketo.credentials import Credentials
-from didomi_marketo.marketo.limiter import MAX_CONCURRENCY, Clock, RealClock, Stopped
+from didomi_marketo.marketo.limiter import MAX_CONCURRENCY, RATE_WINDOW_SECONDS, Clock, RealClock, Stopped
 from didomi_marketo.marketo.redact import redact_bytes, register
 
 T = TypeVar("T")
 TOKEN_PATH = "/identity/oauth/token"
 DEFAULT_TIMEOUT = 120.0  # seconds a call may take, connect to last byte
+KEEPALIVE_SECONDS = RATE_WINDOW_SECONDS + 10  # an idle connection outlives a wait for the window
 # A transient failure is given up only after this many retries spanning this long (what Didomi's
 # own integration promises).
 RETRY_MIN_ATTEMPTS = 5
@@ -117,7 +118,14 @@ class MarketoClient:
         self._http = httpx.AsyncClient(
             base_url=credentials.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # Idle connections are kept past the rate window: with httpx's 5 s default, a run
+            # that waited out the window (20 s) opened every connection anew, and that window's
+            # first round of calls took 350-450 ms instead of 300.
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=KEEPALIVE_SECONDS,
+            ),
             headers={"User-Agent": f"didomi-marketo/{__version__}", "Accept-Encoding": "gzip"},
             transport=transport,
             follow_redirects=False,
