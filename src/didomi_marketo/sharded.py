@@ -23,7 +23,10 @@ from didomi_marketo.outcomes import LeadUpdate
 from didomi_marketo.plan import Planner, PlanStats, PriorState
 from didomi_marketo.state import StateStore
 
-CHUNK = 5_000  # updates (and fresher records) per pickle in a shard's scratch file
+# Updates (and fresher records) per pickle in a shard's scratch file: one batch. Unpickling holds
+# the GIL throughout, and the delivery's event loop waits meanwhile: at 5,000 a load took 8-20 ms,
+# and the first round's ten calls reached Marketo 10 ms apart instead of together.
+CHUNK = 300
 
 Fresher = Callable[[str, dict[str, Any], dict[str, Stamp]], None]
 
