@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import tempfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +38,7 @@ from didomi_marketo.didomi.records import Observation, export_line, observations
 from didomi_marketo.errors import FatalError
 from didomi_marketo.mapping import FieldMapping
 from didomi_marketo.outcomes import payload_hash
+from didomi_marketo.scratch import ScratchDir
 from didomi_marketo.state import StateStore, input_unit
 from didomi_marketo.storage import check_urls, discover_url, is_url
 
@@ -436,7 +436,7 @@ class Shards:
     def __init__(self, fold: Fold, jobs: int, shards: int, max_line_bytes: int, context: Any = None):
         self.count, self.jobs = shards, jobs
         self.files: list[_FileResult] = []  # in input order
-        self._scratch = tempfile.TemporaryDirectory(prefix="didomi-read-", dir=fold.scratch_dir)
+        self._scratch = ScratchDir("read", fold.scratch_dir)
         self.scratch = self._scratch.name  # removed on close, with everything in it
         # A worker's fold spills past the same threshold as the parent's: a file under it is
         # folded in memory (spilling it cost a sixth more CPU than reading it on one core).

@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import re
 import sqlite3
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,6 +43,7 @@ import orjson
 
 from didomi_marketo.didomi.records import Observation, Unusable, event_fields, not_an_event, user_fields
 from didomi_marketo.mapping import FieldMapping, Malformed, Property, value_ids
+from didomi_marketo.scratch import ScratchDir
 
 SRC_PATH, SRC_LINE, LATEST = 0, 1, 2
 FIRST_SLOT = 3
@@ -262,7 +262,7 @@ class Fold:
         self.scratch_dir = scratch_dir
         self._leads: dict[str, list[Any]] = {}
         self._spill: sqlite3.Connection | None = None
-        self._spill_file: tempfile.TemporaryDirectory | None = None
+        self._spill_file: ScratchDir | None = None
         self._chunk = 0
         self._slots = [schema.slots[p.name] for p in schema.properties]
         # Per property in slot order: (slot, purpose, preference, extractor). A purpose's
@@ -627,7 +627,7 @@ class Fold:
 
     def _spill_out(self) -> None:
         if self._spill is None:
-            self._spill_file = tempfile.TemporaryDirectory(prefix="didomi-fold-", dir=self.scratch_dir)
+            self._spill_file = ScratchDir("fold", self.scratch_dir)
             # Read back by the delivery's bookkeeping thread (deliver.Engine.run), one user at a time.
             db = sqlite3.connect(Path(self._spill_file.name) / "fold.sqlite", check_same_thread=False)
             db.execute("PRAGMA journal_mode=OFF")

@@ -1,0 +1,79 @@
+"""Private scratch folders (the parallel read's pickles, the fold's spill), and what a killed run
+left of them.
+
+They hold lead emails and consent, so they are 0700 and removed when the run ends. A run killed
+with SIGKILL (or the OOM killer) cannot remove its own: each folder holds an flock for as long as
+its run lives (the kernel lets go of it when the process dies, whatever the PID namespace), and
+the next run removes every folder whose lock nobody holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there, folders are only removed by their own run
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".in-use"
+_OURS = re.compile(r"didomi-(read|fold)-")
+_swept: set[str] = set()  # parents already swept by this process
+
+
+class ScratchDir:
+    """A `tempfile.TemporaryDirectory` that marks itself in use until `cleanup()`."""
+
+    def __init__(self, kind: str, parent: str | None = None):
+        where = parent or tempfile.gettempdir()
+        if where not in _swept:
+            _swept.add(where)
+            sweep(where)
+        self._dir = tempfile.TemporaryDirectory(prefix=f"didomi-{kind}-", dir=parent)
+        self.name = self._dir.name
+        self._lock: int | None = None
+        if fcntl is not None:
+            self._lock = os.open(os.path.join(self.name, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)  # forked workers share it; it ends with the last
+
+    def cleanup(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+        self._dir.cleanup()
+
+
+def sweep(parent: str) -> list[str]:
+    """Remove the scratch folders in `parent` that this user's killed runs left; return them.
+    A folder without its lock file yet is being made (or is not ours to judge): left alone."""
+    if fcntl is None:
+        return []
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return []
+    for entry in entries:
+        if not _OURS.match(entry.name):
+            continue
+        try:
+            if (
+                not entry.is_dir(follow_symlinks=False)
+                or entry.stat(follow_symlinks=False).st_uid != os.getuid()
+            ):
+                continue
+            fd = os.open(os.path.join(entry.path, LOCK_NAME), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its run is alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
