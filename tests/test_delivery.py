@@ -371,7 +371,9 @@ def test_a_run_refused_by_the_schema_check_leaves_the_state_as_it_was(sandbox_fa
     state = tmp_path / "state.db"
     events_file(tmp_path, n)
     config = make_config(tmp_path, sb)
-    assert cli("sync", tmp_path / "events.ndjson", "-c", config, "--state", state, "-q", env=env).exit_code == 0
+    assert (
+        cli("sync", tmp_path / "events.ndjson", "-c", config, "--state", state, "-q", env=env).exit_code == 0
+    )
     before = known_stamps(state)
     # The same consents, a day later, now also mapped to a field Marketo does not have.
     write_ndjson(tmp_path / "events.ndjson", [

@@ -344,3 +344,41 @@ def test_a_worker_killed_while_reading_fails_the_run_instead_of_hanging_it(tmp_p
     assert "worker process died" in stderr and "Traceback" not in stderr, stderr
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["exit_code"] == 3 and "worker process died" in summary["error"]
+
+
+@LINUX_PROC
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_signal_while_a_dry_run_plans_stops_it_with_its_summary(tmp_path, jobs):
+    """After the read, before anything could be sent: SIGTERM (a cron timeout) used to kill the
+    run with 143 and no summary.json. Sent once the run says it is planning."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for n in range(3):  # 300,000 leads: their planning outlasts the signal's way by far
+        lines = (json.dumps(event(f"u{n}-{i}@example.com", "2026-11-01T00:00:00Z", {"newsletter": True}))
+                 for i in range(100_000))  # fmt: skip
+        (folder / f"part-{n}.ndjson").write_text("\n".join(lines) + "\n")
+    config = make_config(tmp_path, None, mappings=MAPPINGS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "didomi_marketo", "sync", str(folder), "-c", str(config), "--dry-run", "--jobs", jobs,
+         "--report", str(tmp_path / "r"), "-q", "--log-format", "json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            entry = json.loads(line)
+            if entry.get("event") == "progress" and entry.get("phase") == "plan":
+                proc.send_signal(signal.SIGTERM)
+                break
+        else:
+            pytest.fail("the run never said it was planning")
+        stderr = proc.stderr.read()
+        proc.wait(timeout=120)  # a hang guard only
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, stderr
+    assert "interrupted (SIGTERM) while planning a dry run: nothing was sent" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["exit_code"] == 3 and "interrupted" in summary["error"]

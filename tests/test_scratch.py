@@ -53,7 +53,10 @@ def test_a_sync_killed_while_reading_leaves_nothing_after_the_next_run(tmp_path)
     """SIGKILL mid-read (the parallel read's pickles on disk), then an ordinary dry run."""
     scratch_parent = tmp_path / "tmp"
     scratch_parent.mkdir()
-    records = [event(f"user{i}@example.com", "2026-11-01T00:00:00Z", {"newsletter": i % 2 == 0}) for i in range(20_000)]
+    records = [
+        event(f"user{i}@example.com", "2026-11-01T00:00:00Z", {"newsletter": i % 2 == 0})
+        for i in range(20_000)
+    ]
     for part in range(4):
         write_ndjson(tmp_path / "in" / f"part-{part}.ndjson", records[part::4])
     config = make_config(tmp_path)

@@ -157,13 +157,16 @@ class _Stops:
     previous: dict[signal.Signals, Any] = {}
     held = 0  # inside signals_held: a stop waits for its end
     pending: int | None = None
+    doing = "reading the input"
 
 
 @contextlib.contextmanager
-def stopped_by_signals() -> Iterator[None]:
-    """Ctrl-C or SIGTERM while the input is read (nothing is sent yet) stops the run as a failure
-    does: a FatalError, so the workers are stopped, summary.json says why, exit 3. A second
-    signal acts as it did before (at once)."""
+def stopped_by_signals(doing: str = "reading the input") -> Iterator[None]:
+    """Ctrl-C or SIGTERM while the run is `doing` something before any call that sends (reading,
+    waiting for the schema check, planning) stops the run as a failure does: a FatalError, so the
+    workers are stopped, summary.json says why, exit 3. A second signal acts as it did before
+    (at once)."""
+    _Stops.doing = doing
     try:
         for sig in _STOPS:
             _Stops.previous[sig] = signal.signal(sig, _stop)
@@ -182,7 +185,7 @@ def _stop(signum: int, frame: Any = None) -> None:
     if _Stops.held:
         _Stops.pending = signum
         return
-    raise FatalError(f"interrupted ({signal.Signals(signum).name}) while reading the input: nothing was sent")
+    raise FatalError(f"interrupted ({signal.Signals(signum).name}) while {_Stops.doing}: nothing was sent")
 
 
 def _restore_signals() -> None:

@@ -191,9 +191,10 @@ def run_sync(
             resuming = store is not None and credentials is not None and bool(store.open_bulk_jobs())
             early = _planning(options, store, fold, shards, planning, on_progress) if not resuming else None
             if preflight is not None:
-                if early is not None:
-                    early = _plan_while_waiting(early, preflight, config.delivery)
-                preflight.finish(store)
+                with stopped_by_signals("waiting for Marketo's checks"):
+                    if early is not None:
+                        early = _plan_while_waiting(early, preflight, config.delivery)
+                    preflight.finish(store)
                 if early is not None and early[1] is not None:
                     early[1].held = False  # the checks passed: the state may learn from this run
                 marks.update(preflight.marks)  # raises what it found (bad credentials, missing fields)
@@ -485,8 +486,9 @@ def send_updates(config: Config, credentials: Credentials | None, options: SyncO
           preflight: Preflight | None = None) -> DeliveryStats | None:  # fmt: skip
     """Deliver the updates (outcomes to the report, the state and `sinks`), or just drain them."""
     if options.dry_run:
-        for _ in updates:
-            pass
+        with stopped_by_signals("planning a dry run"):
+            for _ in updates:
+                pass
         return None
     assert credentials is not None
     all_sinks = [*(sinks or []), *([store] if store is not None else [])]
@@ -683,7 +685,8 @@ async def _deliver(config: Config, credentials: Credentials, options: SyncOption
     ) as client:
         if preflight is not None and preflight.token is not None and clock is None:
             client.reuse_token(preflight.token)  # same clock: no second identity call
-        path, why, updates = choose_path(config, options, updates, folded)
+        with stopped_by_signals("counting the leads to send"):  # before any call that sends
+            path, why, updates = choose_path(config, options, updates, folded)
         expected_calls = math.ceil(folded / settings.batch_size)
         if path == "rest" and expected_calls >= usage_read_from(options.daily_quota):
             if preflight is not None and preflight.usage_read:
