@@ -360,9 +360,9 @@ def known_stamps(state: Path) -> dict[str, Any]:
 
 
 def test_a_run_refused_by_the_schema_check_leaves_the_state_as_it_was(sandbox_factory, tmp_path, cli):
-    """The first batches are planned while the token call is under way (slowed here to a second);
-    planning 2,500 leads that re-state what Marketo already has yields "known" stamps, and they
-    must not reach the state when the checks then refuse the run."""
+    """Planning 2,500 leads that re-state what Marketo already has yields "known" stamps (the
+    token call is slowed to a second: time in which planning could run ahead); they must not
+    reach the state when the checks then refuse the run."""
     from didomi_marketo.sandbox import TOKEN_PATH
 
     n = 2500
@@ -385,3 +385,64 @@ def test_a_run_refused_by_the_schema_check_leaves_the_state_as_it_was(sandbox_fa
     res = cli("sync", tmp_path / "events.ndjson", "-c", config, "--state", state, "-q", env=env)
     assert res.exit_code == 2 and "noSuchField" in res.stderr
     assert known_stamps(state) == before
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_progress_display_that_fails_stops_the_run_and_every_lead_still_gets_one_outcome(
+    sandbox_factory, tmp_path, concurrency
+):
+    """The bar's write failing (a terminal gone) once: the run stops, as for any unexpected
+    error, but no batch is lost or reported twice, and one worker alone does not hang the run."""
+    n = 3000
+    sb = sandbox_factory(leads_file=str(leads_file(tmp_path, n)))
+    events_file(tmp_path, n)
+    config = load_config(
+        make_config(tmp_path, sb, delivery={"batch_size": 300, "max_concurrency": concurrency})
+    )
+    failed_once = []
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if phase == "deliver" and not failed_once:
+            failed_once.append(done)
+            raise OSError(5, "Input/output error")
+
+    result = run_sync(config, SyncOptions(paths=[str(tmp_path / "events.ndjson")]), Report(tmp_path / "r"),
+                      credentials=config.credentials(), on_progress=progress)  # fmt: skip
+    assert failed_once and result.exit_code == 3 and "Input/output error" in (result.fatal or "")
+    delivery = result.summary.to_json()["delivery"]
+    assert delivery["updated"] + delivery["failed"] == n and delivery["failed"] > 0
+    reported = [json.loads(line)["key"] for name in ("delivered", "undelivered")
+                for line in (tmp_path / "r" / f"{name}.ndjson").read_text().splitlines()]  # fmt: skip
+    assert sorted(reported) == sorted(f"u{i}@example.com" for i in range(n))  # each lead once
+
+
+def test_planning_runs_ahead_only_while_the_preflight_calls_are_under_way():
+    from didomi_marketo.config import DeliverySettings
+    from didomi_marketo.outcomes import LeadUpdate
+    from didomi_marketo.sync import _plan_while_waiting
+
+    class Preflight:
+        def __init__(self, checks: int) -> None:
+            self.checks = checks
+
+        def running(self) -> bool:
+            self.checks -= 1
+            return self.checks >= 0
+
+    def planned(n: int):
+        pulled = []
+
+        def updates():
+            for i in range(n):
+                pulled.append(i)
+                yield LeadUpdate(f"u{i}", {"email": f"u{i}"}, f"f:{i}")
+
+        return pulled, (n, None, None, updates())
+
+    settings = DeliverySettings(batch_size=10, max_concurrency=2)  # two rounds: 40 updates
+    for checks, n, ahead in ((1000, 100, 40), (2, 100, 20), (0, 100, 0), (1000, 25, 25)):
+        pulled, plan = planned(n)
+        _, _, _, updates = _plan_while_waiting(plan, Preflight(checks), settings)  # type: ignore[arg-type]
+        assert len(pulled) == ahead, (checks, n)
+        assert [u.key for u in updates] == [f"u{i}" for i in range(n)]  # all of them, in order

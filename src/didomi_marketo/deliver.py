@@ -8,6 +8,7 @@ carry the same lookup value: Marketo documents that concurrent upserts of one ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -193,22 +194,25 @@ class Engine:
         workers idle in turn and stretched every round of calls by 15-45 ms."""
         recording: asyncio.Task[None] | None = None
         while (batch := await queue.get()) is not None:
-            try:
-                outcomes = await self._deliver(batch)
-            except Exception as e:  # noqa: BLE001 - a worker must never die: the producer would block
-                # An answer we did not foresee: stop the run, keep draining so every batch gets
-                # an outcome.
-                outcomes = self._unexpected(batch, e)
+            outcomes = await self._deliver_or_stop(batch)
             if recording is not None:
-                await recording
+                await recording  # never raises: a worker must never die, the producer would block
             recording = asyncio.create_task(self._record(batch, outcomes))
         if recording is not None:
             await recording
 
-    def _unexpected(self, batch: list[LeadUpdate], e: Exception) -> list[LeadOutcome]:
+    async def _deliver_or_stop(self, batch: list[LeadUpdate]) -> list[LeadOutcome]:
+        """`_deliver`, and for an answer we did not foresee: stop the run, keep draining, and the
+        batch is undelivered (retryable), so that every lead still gets an outcome."""
+        try:
+            return await self._deliver(batch)
+        except Exception as e:  # noqa: BLE001 - see above
+            return self._undelivered(batch, INTERNAL, self._unexpected(e))
+
+    def _unexpected(self, e: Exception) -> str:
         why = f"delivery stopped by an unexpected error: {type(e).__name__}: {e}"
         self.stop(why, fatal=why)
-        return self._undelivered(batch, INTERNAL, why)
+        return why
 
     def interrupt(self) -> None:
         """Ctrl-C / SIGTERM: finish the calls in flight, leave everything else retryable."""
@@ -244,7 +248,9 @@ class Engine:
             if action is Action.SPLIT and len(batch) > 1:
                 self.stats.splits += 1
                 half = len(batch) // 2
-                return await self._deliver(batch[:half]) + await self._deliver(batch[half:])
+                # Each half on its own: what Marketo answered for one stays its outcome,
+                # whatever happens to the other.
+                return await self._deliver_or_stop(batch[:half]) + await self._deliver_or_stop(batch[half:])
             if action is Action.QUOTA:
                 why = f"Marketo daily quota reached (607); {QUOTA_RESET_NOTE}"
                 self.stop(why, fatal=why)
@@ -356,19 +362,23 @@ class Engine:
     async def _record(self, batch: list[LeadUpdate], outcomes: list[LeadOutcome]) -> None:
         """`_finish` for run(): the sinks write in the bookkeeping thread while the loop sends.
         A sink that cannot write (disk full, state locked) stops the run; the batch then counts
-        as undelivered, retryable, in whatever sink can still take it."""
+        as undelivered, retryable, in whatever sink can still take it. Never raises (its worker
+        awaits it): a progress display that fails stops the run too, and the batch stays counted
+        as it was recorded."""
         assert self._books is not None, "only while run() goes"
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._books, self.sink.batch_done, outcomes)
         except Exception as e:  # noqa: BLE001 - the run must go on draining, with an outcome per lead
-            outcomes = self._unexpected(batch, e)
-            try:
+            outcomes = self._undelivered(batch, INTERNAL, self._unexpected(e))
+            with contextlib.suppress(Exception):  # the sink is what failed: they are counted below
                 await loop.run_in_executor(self._books, self.sink.batch_done, outcomes)
-            except Exception:  # noqa: BLE001 - the sink is what failed: count them at least
-                self._count(outcomes)
-                return
-        self._counted(outcomes)
+        self._count(outcomes)
+        if self.on_progress is not None:
+            try:
+                self.on_progress(len(outcomes))
+            except Exception as e:  # noqa: BLE001 - see above
+                self._unexpected(e)
 
     def _counted(self, outcomes: list[LeadOutcome]) -> None:
         self._count(outcomes)

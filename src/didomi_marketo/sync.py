@@ -192,11 +192,9 @@ def run_sync(
             early = _planning(options, store, fold, shards, planning, on_progress) if not resuming else None
             if preflight is not None:
                 with stopped_by_signals("waiting for Marketo's checks"):
-                    if early is not None:
+                    if early is not None and store is None:
                         early = _plan_while_waiting(early, preflight, config.delivery)
                     preflight.finish(store)
-                if early is not None and early[1] is not None:
-                    early[1].held = False  # the checks passed: the state may learn from this run
                 marks.update(preflight.marks)  # raises what it found (bad credentials, missing fields)
                 if resuming:
                     assert store is not None and credentials is not None
@@ -319,11 +317,12 @@ def _planning(options: SyncOptions, store: StateStore | None, fold: Fold, shards
 def _plan_while_waiting(planned: Planned, preflight: Preflight, delivery: DeliverySettings) -> Planned:
     """Plan the first two rounds of batches while the preflight's calls are still under way (time
     the run otherwise spends waiting), so that the first round of calls leaves at once: planned
-    one batch at a time as workers asked, its ten calls went out over 50-60 ms. The state learns
-    nothing meanwhile (the writer is held): the checks may still refuse the run."""
+    one batch at a time as workers asked, its ten calls went out over 50-60 ms.
+
+    Only for a run without a state: with one, the state would learn from the planning (newer
+    stamps of unchanged values) before the checks pass, and a run whose leads are mostly unchanged
+    would plan nearly all of them to find two rounds to send, holding what it learned meanwhile."""
     folded, fresher, planner, updates = planned
-    if fresher is not None:
-        fresher.held = True
     limit = 2 * delivery.max_concurrency * delivery.batch_size
     ahead: list[LeadUpdate] = []
     while preflight.running() and len(ahead) < limit:
@@ -335,17 +334,15 @@ def _plan_while_waiting(planned: Planned, preflight: Preflight, delivery: Delive
 
 
 class _KnownWriter:
-    """Batches StateStore.remember_known writes (one transaction per 1,000 leads). While `held`,
-    nothing is written: a run whose checks have not passed yet must leave the state as it was."""
+    """Batches StateStore.remember_known writes (one transaction per 1,000 leads)."""
 
     def __init__(self, store: StateStore):
         self.store = store
         self.batch: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        self.held = False
 
     def add(self, key: str, fields: dict[str, Any], stamps: dict[str, Any]) -> None:
         self.batch.append((key, dict(fields), dict(stamps)))
-        if len(self.batch) >= 1000 and not self.held:
+        if len(self.batch) >= 1000:
             self.flush()
 
     def flush(self) -> None:
