@@ -75,3 +75,25 @@ def test_a_sync_killed_while_reading_leaves_nothing_after_the_next_run(tmp_path)
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert list(scratch_parent.iterdir()) == []
+
+
+def test_a_sweep_while_a_folder_is_being_marked_in_use_leaves_it_alone(tmp_path, monkeypatch):
+    """Another run's sweep landing between the lock file's creation and its lock."""
+    from didomi_marketo import scratch
+
+    real = scratch.fcntl.flock
+    swept: list[list[str]] = []
+
+    def flock_after_a_sweep(fd: int, op: int) -> None:
+        if not swept:
+            swept.append(sweep(str(tmp_path)))
+        real(fd, op)
+
+    monkeypatch.setattr(scratch.fcntl, "flock", flock_after_a_sweep)
+    folder = ScratchDir("read", str(tmp_path))
+    try:
+        assert swept == [[]] and Path(folder.name).is_dir()
+        assert (Path(folder.name) / LOCK_NAME).exists()
+    finally:
+        monkeypatch.undo()
+        folder.cleanup()

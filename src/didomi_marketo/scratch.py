@@ -34,16 +34,32 @@ class ScratchDir:
             sweep(where)
         self._dir = tempfile.TemporaryDirectory(prefix=f"didomi-{kind}-", dir=parent)
         self.name = self._dir.name
-        self._lock: int | None = None
-        if fcntl is not None:
-            self._lock = os.open(os.path.join(self.name, LOCK_NAME), os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(self._lock, fcntl.LOCK_EX)  # forked workers share it; it ends with the last
+        self._lock = _in_use(self.name)
 
     def cleanup(self) -> None:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
         self._dir.cleanup()
+
+
+def _in_use(folder: str) -> int | None:
+    """Mark `folder` in use: its lock file appears already locked (made under another name, locked,
+    then renamed), so that a sweep never finds it unlocked while its run lives. Forked workers
+    share the lock; it ends with the last of them. Where flock is not supported (some network
+    filesystems), no lock file: sweeps leave the folder alone."""
+    if fcntl is None:
+        return None
+    making = os.path.join(folder, LOCK_NAME + ".new")
+    fd = os.open(making, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+        os.rename(making, os.path.join(folder, LOCK_NAME))
+    except OSError:
+        os.close(fd)
+        os.unlink(making)
+        return None
+    return fd
 
 
 def sweep(parent: str) -> list[str]:
