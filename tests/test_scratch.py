@@ -55,7 +55,7 @@ def test_a_sync_killed_while_reading_leaves_nothing_after_the_next_run(tmp_path)
     scratch_parent.mkdir()
     records = [
         event(f"user{i}@example.com", "2026-11-01T00:00:00Z", {"newsletter": i % 2 == 0})
-        for i in range(20_000)
+        for i in range(60_000)  # long enough a run that the kill lands mid-way
     ]
     for part in range(4):
         write_ndjson(tmp_path / "in" / f"part-{part}.ndjson", records[part::4])
