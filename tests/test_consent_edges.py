@@ -533,3 +533,46 @@ def test_incremental_runs_end_where_one_full_run_does(history, data, tmp_path_fa
     assert step.marketo == full.marketo  # and Marketo ends at it
     step.store.close()
     full.store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A file that breaks off mid-way gives no lead: its opt-ins could be older than the lost part
+
+
+def _truncated_gzip(path: Path, records: list[dict[str, Any]], keep: float) -> None:
+    """`records` as gzipped NDJSON, cut after `keep` of its compressed bytes (a copy interrupted)."""
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode(), compresslevel=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_file_read_only_in_part_gives_no_lead_and_is_named_in_the_report(cli, tmp_path, jobs):
+    # late@ opts in, a thousand other events, then opts out: the cut keeps the opt-in only.
+    filler = [
+        event(f"filler{i}@example.com", "2026-11-01T12:00:00Z", {"newsletter": True}) for i in range(4000)
+    ]
+    records = [
+        event("late@example.com", "2026-11-01T10:00:00Z", {"newsletter": True}),
+        *filler,
+        event("late@example.com", "2026-11-01T11:00:00Z", {"newsletter": False}),
+    ]
+    _truncated_gzip(tmp_path / "in" / "b-events.ndjson.gz", records, keep=0.5)
+    write_ndjson(tmp_path / "in" / "a-events.ndjson",
+                 [event("whole@example.com", "2026-11-01T10:00:00Z", {"newsletter": True})])  # fmt: skip
+    write_ndjson(tmp_path / "in" / "c-events.ndjson",
+                 [event("other@example.com", "2026-11-01T10:00:00Z", {"newsletter": False})])  # fmt: skip
+    res = cli("sync", tmp_path / "in", "-c", make_config(tmp_path), "--dry-run", "--jobs", jobs, "--output", "-",
+              "--report", tmp_path / "r")  # fmt: skip
+    assert res.exit_code == 1, res.stderr
+    sent = {p["email"] for p in map(json.loads, res.stdout.splitlines()) if p.get("email")}
+    assert sent == {"whole@example.com", "other@example.com"}  # nothing of the broken file
+    rejected = lines(tmp_path / "r" / "rejected.ndjson")
+    broken = [r for r in rejected if r["source"].startswith(str(tmp_path / "in" / "b-events.ndjson.gz"))]
+    assert any("corrupt or truncated gzip" in r["reason"] for r in broken)
+    assert any("read only in part" in r["reason"] and "leads folded from it" in r["reason"] for r in broken)
+    # The other files' payloads are exactly those of a run without the broken file.
+    (tmp_path / "in" / "b-events.ndjson.gz").unlink()
+    without = cli("sync", tmp_path / "in", "-c", make_config(tmp_path), "--dry-run", "--jobs", jobs,
+                  "--output", "-")  # fmt: skip
+    assert sorted(res.stdout.splitlines()) == sorted(without.stdout.splitlines())

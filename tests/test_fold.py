@@ -531,3 +531,24 @@ def test_len_counts_spilled_and_held_leads_without_spilling():
     assert (run.fold._chunk, run.fold._leads) == (chunks, held)  # nothing was written out
     assert run.leads()["x@example.com"][NEWS] is False
     run.fold.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(corpora(), st.lists(st.integers(0, 25), max_size=3), st.sampled_from([1, 2, 3, 250_000]))
+def test_files_staged_then_taken_fold_as_if_read_straight(corpus, cuts, spill):
+    """Each file folded on its own (`staging`) and taken in input order (`take`): the same
+    leads, ties included, as every record folded into one fold; whatever spills on either side."""
+    records = [rec for *_, rec in corpus]
+    straight = Run(spill=spill).feed(*records)
+    staged_run = Run(spill=spill)
+    bounds = sorted({0, len(records), *(c for c in cuts if c <= len(records))})
+    for start, end in zip(bounds, bounds[1:]):  # noqa: B905 - consecutive bounds
+        part = staged_run.fold.staging()
+        for i, rec in enumerate(records[start:end]):
+            for ob in observations(rec, start + i + 1):
+                part.add(ob, "in.ndjson")  # type: ignore[arg-type]
+        staged_run.fold.take(part)
+        part.close()
+    assert staged_run.states() == straight.states()
+    straight.fold.close()
+    staged_run.fold.close()

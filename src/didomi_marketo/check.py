@@ -148,6 +148,10 @@ class _SeenFold(Fold):
             seen["metadata key"].update(str(k) for k in md)
         super().observe(path, kind, raw_key, timestamp, consents, user, *rest)
 
+    def staging(self) -> Fold:
+        """Itself: check reports the ids a file carries, read in full or not."""
+        return self
+
     def add_export_line(self, user: dict, events: list, line: int, path: str) -> None:
         # Not the fused short way: every record goes through `observe`, which notes its ids.
         emit_export_line(

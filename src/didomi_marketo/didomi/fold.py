@@ -34,7 +34,7 @@ import math
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -233,6 +233,10 @@ class FoldStats:
     @property
     def applied(self) -> int:
         return self.observations - self.pending - self.other_regulation - self.anonymous - self.invalid
+
+    def add(self, other: FoldStats) -> None:
+        for f in fields(FoldStats):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 DELETIONS = ("ignore", "revoke")
@@ -560,6 +564,29 @@ class Fold:
     def reject_unusable(self, record: Unusable, path: str) -> None:
         """`reject` a record that `records` recognised as unusable, read from `path`."""
         self.reject(record.category, path, record.line, record.reason, record.key)
+
+    def staging(self) -> Fold:
+        """An empty fold like this one, for one input file whose leads count only once the whole
+        file was read (`take`); its issues go where this fold's go. It spills sooner, by what this
+        fold holds in memory: the two together stay under the threshold."""
+        room = max(min(1000, self.spill_threshold), self.spill_threshold - len(self._leads))
+        return Fold(self.schema, self.identifier, self.regulations, self.on_issue,
+                    spill_threshold=room, scratch_dir=self.scratch_dir,
+                    deletions=self.deletions)  # fmt: skip
+
+    def take(self, staged: Fold) -> None:
+        """Fold in the leads `staged` folded from input that comes after all seen so far (as
+        `absorb`; spilled ones stream from disk); its counts are the caller's to add. Into an
+        empty fold (the first file, or the only one) they are moved as they are, at no cost."""
+        if not self._leads and self._spill is None:
+            self._leads, staged._leads = staged._leads, {}
+            self._spill, staged._spill = staged._spill, None
+            self._spill_file, staged._spill_file = staged._spill_file, None
+            self._chunk, staged._chunk = staged._chunk, 0
+            return
+        absorb = self.absorb
+        for key, state in staged.leads():
+            absorb(key, state)
 
     def absorb(self, key: str, state: list[Any]) -> None:
         """Fold in a lead's state that another Fold built from input that comes AFTER all input
