@@ -576,3 +576,23 @@ def test_a_file_read_only_in_part_gives_no_lead_and_is_named_in_the_report(cli, 
     without = cli("sync", tmp_path / "in", "-c", make_config(tmp_path), "--dry-run", "--jobs", jobs,
                   "--output", "-")  # fmt: skip
     assert sorted(res.stdout.splitlines()) == sorted(without.stdout.splitlines())
+
+
+def test_explain_leaves_out_a_file_read_only_in_part_as_sync_does(cli, tmp_path):
+    records = [
+        event("late@example.com", "2026-11-01T10:00:00Z", {"newsletter": True}),
+        *[event(f"filler{i}@example.com", "2026-11-01T12:00:00Z", {"newsletter": True}) for i in range(4000)],
+        event("late@example.com", "2026-11-01T11:00:00Z", {"newsletter": False}),
+    ]
+    _truncated_gzip(tmp_path / "in" / "b-events.ndjson.gz", records, keep=0.5)
+    write_ndjson(tmp_path / "in" / "a-events.ndjson",
+                 [event("late@example.com", "2026-11-01T09:00:00Z", {"newsletter": False})])  # fmt: skip
+    config = make_config(tmp_path)
+    broken = cli("explain", "late@example.com", tmp_path / "in", "-c", config, "--format", "json")
+    (tmp_path / "in" / "b-events.ndjson.gz").unlink()
+    without = cli("explain", "late@example.com", tmp_path / "in", "-c", config, "--format", "json")
+    assert broken.exit_code == without.exit_code == 0, broken.stderr
+    seen, expected = json.loads(broken.stdout), json.loads(without.stdout)
+    assert seen.pop("inputs_read") > expected.pop("inputs_read")  # its records were read...
+    assert seen == expected  # ...and none of them is a step
+    assert "b-events" not in broken.stdout  # the opt-in read before the break is not a step

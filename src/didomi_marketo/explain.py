@@ -287,8 +287,13 @@ def _records_of(config: Config, paths: list[str], keys: set[str], allow_incomple
         if not _may_mention(item, needles):
             stats.files_skipped += 1  # never spells any of the keys: nothing to parse there
             continue
+        # Held until the file is read whole: one that breaks off gives nothing, as in sync
+        # (an opt-in before the break may be older than what the lost part says).
+        held: list[tuple[str, str, Observation | Unusable]] = []
+        whole = True
         for rec in read_records(item):
             if isinstance(rec, Problem):
+                whole = whole and rec.line != 0
                 continue
             value, line = rec
             stats.records += 1
@@ -299,7 +304,9 @@ def _records_of(config: Config, paths: list[str], keys: set[str], allow_incomple
                 if raw != last_raw or type(raw) is not type(last_raw):
                     last_raw, last_key = raw, normalise_key(raw, identifier)[0]
                 if last_key in keys:
-                    yield item.display, last_key, ob
+                    held.append((item.display, last_key, ob))
+        if whole:
+            yield from held
 
 
 SCAN_CHUNK = 1 << 20

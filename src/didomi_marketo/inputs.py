@@ -144,8 +144,13 @@ def _read(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStat
         elif _wanted(item, stats, unchanged):
             staged = fold.staging()  # the fold itself where it keeps partial files (check)
             try:
-                read = _read_file(staged, item, stats, max_line_bytes)
-                if staged is not fold and _whole(fold, item.display, read, len(staged), staged.stats):
+                try:
+                    read = _read_file(staged, item, stats, max_line_bytes)
+                except BaseException:  # a stop mid-file: its counts still go to the summary
+                    if staged is not fold:
+                        fold.stats.add(staged.stats)
+                    raise
+                if staged is not fold and _whole(fold, item.display, read, staged):
                     fold.take(staged)
             finally:
                 if staged is not fold:
@@ -155,13 +160,17 @@ def _read(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStat
     return None
 
 
-def _whole(fold: Fold, display: str, read: bool, leads: int, counts: FoldStats) -> bool:
+def _whole(fold: Fold, display: str, read: bool, staged: Fold | _FileResult) -> bool:
     """Whether a file's leads may be folded in: only if the whole file was read. One that broke
     off (a truncated or corrupt gzip, a storage stream that failed) gives none: an opt-in read
     before the break can be older than an opt-out in the part that was lost. Its leads are named
-    in the report as one rejection, and the next run reads the file again. Adds its counts."""
-    fold.stats.add(counts)
-    if read or not leads:
+    in the report as one rejection, and the next run reads the file again. Adds its counts (its
+    observations are counted even when its leads are left out: they were read)."""
+    fold.stats.add(staged.stats if isinstance(staged, Fold) else staged.fold)
+    if read:
+        return True
+    leads = len(staged) if isinstance(staged, Fold) else staged.count  # counted only when needed
+    if not leads:
         return True
     fold.reject("rejected", display, 0, f"read only in part: the {leads:,} leads folded from it before "
                 "the break were left out (an opt-in there may be older than what the rest says)")  # fmt: skip
@@ -570,7 +579,7 @@ def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartitio
     stats.access_denied.extend(done.inputs.access_denied)
     if not done.read and unchanged is not None:
         unchanged.forget(items[index])  # type: ignore[arg-type]
-    if not _whole(fold, items[index].display, done.read, done.count, done.fold):  # type: ignore[union-attr]
+    if not _whole(fold, items[index].display, done.read, done):  # type: ignore[union-attr]
         os.unlink(done.leads)
         return 1
     if absorb:

@@ -567,9 +567,12 @@ class Fold:
 
     def staging(self) -> Fold:
         """An empty fold like this one, for one input file whose leads count only once the whole
-        file was read (`take`); its issues go where this fold's go. It spills sooner, by what this
-        fold holds in memory: the two together stay under the threshold."""
-        room = max(min(1000, self.spill_threshold), self.spill_threshold - len(self._leads))
+        file was read (`take`); its issues go where this fold's go. The two together stay under
+        the threshold: past half of it, this fold spills first (it soon would anyway), so that
+        the staging fold never has to spill in small chunks."""
+        if len(self._leads) > self.spill_threshold // 2:
+            self._spill_out()
+        room = self.spill_threshold - len(self._leads)
         return Fold(self.schema, self.identifier, self.regulations, self.on_issue,
                     spill_threshold=room, scratch_dir=self.scratch_dir,
                     deletions=self.deletions)  # fmt: skip
