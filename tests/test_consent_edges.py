@@ -539,25 +539,22 @@ def test_incremental_runs_end_where_one_full_run_does(history, data, tmp_path_fa
 # A file that breaks off mid-way gives no lead: its opt-ins could be older than the lost part
 
 
-def _truncated_gzip(path: Path, records: list[dict[str, Any]], keep: float) -> None:
-    """`records` as gzipped NDJSON, cut after `keep` of its compressed bytes (a copy interrupted)."""
+def _broken_event_file(path: Path) -> None:
+    """late@ opts in, 4,000 other events, then opts out; gzipped NDJSON cut after half of its
+    compressed bytes (a copy interrupted): what is left holds the opt-in only."""
+    records = [
+        event("late@example.com", "2026-11-01T10:00:00Z", {"newsletter": True}),
+        *[event(f"filler{i}@example.com", "2026-11-01T12:00:00Z", {"newsletter": True}) for i in range(4000)],
+        event("late@example.com", "2026-11-01T11:00:00Z", {"newsletter": False}),
+    ]
     data = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode(), compresslevel=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data[: int(len(data) * keep)])
+    path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_a_file_read_only_in_part_gives_no_lead_and_is_named_in_the_report(cli, tmp_path, jobs):
-    # late@ opts in, a thousand other events, then opts out: the cut keeps the opt-in only.
-    filler = [
-        event(f"filler{i}@example.com", "2026-11-01T12:00:00Z", {"newsletter": True}) for i in range(4000)
-    ]
-    records = [
-        event("late@example.com", "2026-11-01T10:00:00Z", {"newsletter": True}),
-        *filler,
-        event("late@example.com", "2026-11-01T11:00:00Z", {"newsletter": False}),
-    ]
-    _truncated_gzip(tmp_path / "in" / "b-events.ndjson.gz", records, keep=0.5)
+    _broken_event_file(tmp_path / "in" / "b-events.ndjson.gz")
     write_ndjson(tmp_path / "in" / "a-events.ndjson",
                  [event("whole@example.com", "2026-11-01T10:00:00Z", {"newsletter": True})])  # fmt: skip
     write_ndjson(tmp_path / "in" / "c-events.ndjson",
@@ -579,12 +576,7 @@ def test_a_file_read_only_in_part_gives_no_lead_and_is_named_in_the_report(cli, 
 
 
 def test_explain_leaves_out_a_file_read_only_in_part_as_sync_does(cli, tmp_path):
-    records = [
-        event("late@example.com", "2026-11-01T10:00:00Z", {"newsletter": True}),
-        *[event(f"filler{i}@example.com", "2026-11-01T12:00:00Z", {"newsletter": True}) for i in range(4000)],
-        event("late@example.com", "2026-11-01T11:00:00Z", {"newsletter": False}),
-    ]
-    _truncated_gzip(tmp_path / "in" / "b-events.ndjson.gz", records, keep=0.5)
+    _broken_event_file(tmp_path / "in" / "b-events.ndjson.gz")
     write_ndjson(tmp_path / "in" / "a-events.ndjson",
                  [event("late@example.com", "2026-11-01T09:00:00Z", {"newsletter": False})])  # fmt: skip
     config = make_config(tmp_path)
