@@ -149,8 +149,10 @@ class _SeenFold(Fold):
         super().observe(path, kind, raw_key, timestamp, consents, user, *rest)
 
     def staging(self) -> Fold:
-        """Itself: check reports the ids a file carries, read in full or not."""
-        return self
+        staged = super().staging()
+        assert isinstance(staged, _SeenFold)
+        staged.seen = self.seen  # the ids every file carries, read in full or not
+        return staged
 
     def add_export_line(self, user: dict, events: list, line: int, path: str) -> None:
         # Not the fused short way: every record goes through `observe`, which notes its ids.

@@ -142,37 +142,27 @@ def _read(fold: Fold, paths: list[str], allow_incomplete: bool, stats: InputStat
         if not isinstance(item, InputFile):
             _reject_item(fold, item, stats)
         elif _wanted(item, stats, unchanged):
-            staged = fold.staging()  # the fold itself where it keeps partial files (check)
-            try:
+            with contextlib.closing(fold.staging()) as staged:
                 try:
                     read = _read_file(staged, item, stats, max_line_bytes)
-                except BaseException:  # a stop mid-file: its counts still go to the summary
-                    if staged is not fold:
-                        fold.stats.add(staged.stats)
-                    raise
-                if staged is not fold and _whole(fold, item.display, read, staged):
+                finally:  # what was read is counted, even if the file is left out or a stop cut it
+                    fold.stats.add(staged.stats)
+                if _whole(fold, item.display, read, lambda: len(staged)):
                     fold.take(staged)
-            finally:
-                if staged is not fold:
-                    staged.close()
             if not read and unchanged is not None:
                 unchanged.forget(item)  # not read: the next run must try it again
     return None
 
 
-def _whole(fold: Fold, display: str, read: bool, staged: Fold | _FileResult) -> bool:
+def _whole(fold: Fold, display: str, read: bool, leads: Callable[[], int]) -> bool:
     """Whether a file's leads may be folded in: only if the whole file was read. One that broke
     off (a truncated or corrupt gzip, a storage stream that failed) gives none: an opt-in read
-    before the break can be older than an opt-out in the part that was lost. Its leads are named
-    in the report as one rejection, and the next run reads the file again. Adds its counts (its
-    observations are counted even when its leads are left out: they were read)."""
-    fold.stats.add(staged.stats if isinstance(staged, Fold) else staged.fold)
-    if read:
+    before the break can be older than an opt-out in the part that was lost. Its `leads()` are
+    named in the report as one rejection (counted only then: costly once a fold spilled), and
+    the next run reads the file again."""
+    if read or not (n := leads()):
         return True
-    leads = len(staged) if isinstance(staged, Fold) else staged.count  # counted only when needed
-    if not leads:
-        return True
-    fold.reject("rejected", display, 0, f"read only in part: the {leads:,} leads folded from it before "
+    fold.reject("rejected", display, 0, f"read only in part: the {n:,} leads folded from it before "
                 "the break were left out (an opt-in there may be older than what the rest says)")  # fmt: skip
     return False
 
@@ -381,16 +371,10 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _new_fold(template: Fold, on_issue: IssueSink, scratch: str) -> Fold:
-    return Fold(template.schema, template.identifier, template.regulations, on_issue,
-                spill_threshold=template.spill_threshold, scratch_dir=scratch,
-                deletions=template.deletions)  # fmt: skip
-
-
 def _fold_one_file(index: int, item: InputFile) -> _FileResult:
     assert _worker is not None
     issues: list[tuple[str, str, int, str, Any]] = []
-    fold = _new_fold(_worker.template, lambda *issue: issues.append(issue), _worker.scratch)
+    fold = _worker.template.empty_like(lambda *issue: issues.append(issue), scratch_dir=_worker.scratch)
     stats = InputStats()
     out = os.path.join(_worker.scratch, f"file-{index}.pickle")
     try:
@@ -452,7 +436,8 @@ def _plan_shard(job: tuple[int, list[tuple[str, list[int]]], Callable[..., Any],
     """Phase 2, in a worker: shard j of every file, absorbed in input order, handed to `work`."""
     assert _worker is not None
     _, parts, work, arg = job
-    fold = _new_fold(_worker.template, lambda *issue: None, _worker.scratch)  # absorb reports nothing
+    # absorb reports nothing
+    fold = _worker.template.empty_like(lambda *issue: None, scratch_dir=_worker.scratch)
     try:
         for path, offsets in parts:
             _absorb_chunks(fold, path, offsets)
@@ -579,7 +564,8 @@ def _merge_next(fold: Fold, items: list[InputFile | Problem | IncompletePartitio
     stats.access_denied.extend(done.inputs.access_denied)
     if not done.read and unchanged is not None:
         unchanged.forget(items[index])  # type: ignore[arg-type]
-    if not _whole(fold, items[index].display, done.read, done):  # type: ignore[union-attr]
+    fold.stats.add(done.fold)
+    if not _whole(fold, items[index].display, done.read, lambda: done.count):  # type: ignore[union-attr]
         os.unlink(done.leads)
         return 1
     if absorb:

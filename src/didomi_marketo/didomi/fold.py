@@ -572,10 +572,17 @@ class Fold:
         the staging fold never has to spill in small chunks."""
         if len(self._leads) > self.spill_threshold // 2:
             self._spill_out()
-        room = self.spill_threshold - len(self._leads)
-        return Fold(self.schema, self.identifier, self.regulations, self.on_issue,
-                    spill_threshold=room, scratch_dir=self.scratch_dir,
-                    deletions=self.deletions)  # fmt: skip
+        return self.empty_like(spill_threshold=self.spill_threshold - len(self._leads))
+
+    def empty_like(self, on_issue: IssueSink | None = None, *, spill_threshold: int | None = None,
+                   scratch_dir: str | None = None) -> Fold:  # fmt: skip
+        """An empty fold of the same kind and rules (schema, key, regulations, deletions); its
+        issues, spill threshold and scratch folder are this one's unless given."""
+        return type(self)(
+            self.schema, self.identifier, self.regulations, on_issue or self.on_issue,
+            spill_threshold=self.spill_threshold if spill_threshold is None else spill_threshold,
+            scratch_dir=scratch_dir or self.scratch_dir, deletions=self.deletions,
+        )  # fmt: skip
 
     def take(self, staged: Fold) -> None:
         """Fold in the leads `staged` folded from input that comes after all seen so far (as
