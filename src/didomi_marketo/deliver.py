@@ -373,12 +373,10 @@ class Engine:
             outcomes = self._undelivered(batch, INTERNAL, self._unexpected(e))
             with contextlib.suppress(Exception):  # the sink is what failed: they are counted below
                 await loop.run_in_executor(self._books, self.sink.batch_done, outcomes)
-        self._count(outcomes)
-        if self.on_progress is not None:
-            try:
-                self.on_progress(len(outcomes))
-            except Exception as e:  # noqa: BLE001 - see above
-                self._unexpected(e)
+        try:
+            self._counted(outcomes)  # counts first: only the progress display can raise
+        except Exception as e:  # noqa: BLE001 - see above
+            self._unexpected(e)
 
     def _counted(self, outcomes: list[LeadOutcome]) -> None:
         self._count(outcomes)

@@ -301,7 +301,7 @@ def _planning(options: SyncOptions, store: StateStore | None, fold: Fold, shards
     )
     show_plan = on_progress if options.dry_run else None  # a sync shows delivery instead
     if shards is not None:
-        planned = _planned_progress(show_plan, folded) if show_plan is not None else None
+        planned = _progress_of("plan", show_plan, folded) if show_plan is not None else None
         return (
             folded,
             fresher,
@@ -403,16 +403,17 @@ def _planning_progress(
     on_progress("plan", done, total)
 
 
-def _planned_progress(on_progress: Progress, total: int) -> Callable[[int], None]:
-    """The plan phase of a dry run on several cores: leads planned so far, shard by shard."""
+def _progress_of(phase: str, on_progress: Progress, total: int) -> Callable[[int], None]:
+    """A callback adding up what `phase` got done (the leads of a shard planned, of a batch
+    delivered) and reporting the running total."""
     done = 0
 
-    def planned(n: int) -> None:
+    def add(n: int) -> None:
         nonlocal done
         done += n
-        on_progress("plan", done, total)
+        on_progress(phase, done, total)
 
-    return planned
+    return add
 
 
 def _warnings(on_warning: Callable[[str], None] | None) -> tuple[list[str], Callable[[str], None]]:
@@ -693,15 +694,7 @@ async def _deliver(config: Config, credentials: Credentials, options: SyncOption
             warning = _quota_warning(used, expected_calls, options.daily_quota)
             if warning:
                 warn(warning)
-        progress = None
-        if on_progress is not None:
-            done = 0
-
-            def progress(n: int) -> None:
-                nonlocal done
-                done += n
-                on_progress("deliver", done, folded)
-
+        progress = _progress_of("deliver", on_progress, folded) if on_progress is not None else None
         common: dict[str, Any] = dict(
             action=config.action, lookup_field=config.lookup_field, settings=settings,
             sink=_Fanout([report, *sinks]), clock=clock, on_progress=progress,
